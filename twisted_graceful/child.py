@@ -1,0 +1,75 @@
+"""
+The child's side of the handshake: tell the parent "ready" on the inherited
+pipe, and take over the parent's stdout/stderr once it does.
+"""
+
+import os
+import sys
+
+READY_MESSAGE = b"READY %d\n"
+
+
+class ReadyPipe:
+    """
+    The write end of the ready pipe (fd 4 in the child).
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def signal_ready(self, pid=None):
+        pid = os.getpid() if pid is None else pid
+        try:
+            os.write(self.fd, READY_MESSAGE % (pid,))
+        finally:
+            self.close()
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+def parse_ready_message(data):
+    """
+    Return the PID in a ready message, or L{None} if C{data} is not one (yet).
+    @raise ValueError: C{data} is not a ready message and cannot become one.
+    """
+    if b"\n" not in data:
+        if len(data) > 64 or not b"READY ".startswith(data[:6]):
+            raise ValueError(data)
+        return None
+    line = data.split(b"\n", 1)[0]
+    if not line.startswith(b"READY "):
+        raise ValueError(data)
+    try:
+        return int(line[6:])
+    except ValueError:
+        raise ValueError(data)
+
+
+def take_over_stdio(stdio_fds):
+    """
+    Until it is ready, the child's stdout and stderr are pipes the parent
+    reads (and keeps the tail of, to explain a failure). Once ready, point
+    them at the parent's own stdout and stderr: the parent is about to exit.
+    """
+    if not stdio_fds:
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    out_fd, err_fd = stdio_fds
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    for fd in (out_fd, err_fd):
+        if fd not in (1, 2):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

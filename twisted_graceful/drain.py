@@ -1,0 +1,258 @@
+"""
+One drain mechanism for every protocol.
+
+A L{DrainTracker} knows every open connection of every protocol and whether it
+is inside a transaction (an HTTP request being handled, a transaction between
+C{BEGIN} and the reply to its C{COMMIT}). Protocols plug in by mixing in
+L{DrainableConnection}; the tracker decides I{when}, the protocol knows I{how}
+to close at its own transaction boundary.
+"""
+
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+TRANSACTION = "transaction"
+CONNECTION = "connection"
+DRAIN_MODES = (TRANSACTION, CONNECTION)
+
+
+class DrainableConnection:
+    """
+    Mixin for a protocol whose connections a L{DrainTracker} drains.
+
+    Subclasses define C{protocol_name}, C{in_transaction()},
+    C{close_at_boundary(idle_grace)} (close now if idle, else right after the
+    reply that ends the current transaction) and may override
+    C{abort_connection()}.
+    """
+
+    protocol_name = "?"
+    drain_tracker = None
+    drain_state = "open"  # open, closing (asked to close), aborted
+
+    def track(self, tracker):
+        self.drain_tracker = tracker
+        if tracker is not None:
+            tracker.add(self)
+
+    def untrack(self):
+        if self.drain_tracker is not None:
+            self.drain_tracker.remove(self)
+
+    def in_transaction(self):
+        raise NotImplementedError()
+
+    def close_at_boundary(self, idle_grace):
+        raise NotImplementedError()
+
+    def abort_connection(self):
+        self.drain_state = "aborted"
+        self.transport.abortConnection()
+
+    def describe(self):
+        peer = getattr(self.transport, "getPeer", lambda: "?")()
+        state = "in a transaction" if self.in_transaction() else "idle"
+        return f"{self.protocol_name} connection from {_peer_text(peer)} ({state})"
+
+    @property
+    def draining(self):
+        return self.drain_tracker is not None and self.drain_tracker.draining
+
+
+def _peer_text(peer):
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return f"{host}:{peer.port}"
+    name = getattr(peer, "name", None)
+    return str(name or peer)
+
+
+class DrainReport:
+    def __init__(self):
+        self.started = None
+        self.duration = 0.0
+        self.at_start = 0
+        self.busy_at_start = 0
+        self.closed_by_client = 0
+        self.closed_by_server = 0
+        self.cut = []  # descriptions of connections aborted at the deadline
+
+    def summary(self):
+        return (
+            f"drained {self.at_start} connection(s) in {self.duration * 1000:.0f} ms: "
+            f"{self.closed_by_server} closed by the server at a transaction boundary, "
+            f"{self.closed_by_client} closed by the client, {len(self.cut)} cut at the deadline"
+        )
+
+
+class DrainTracker:
+    """
+    Every open connection of every protocol, and how to drain them.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, idle_grace=1.0, progress_interval=5.0, clock=time.monotonic):
+        self._reactor = reactor
+        self._connections = []
+        self.idle_grace = idle_grace
+        self.progress_interval = progress_interval
+        self._clock = clock
+        self.draining = False
+        self.mode = None
+        self.report = None
+        self._done = None
+        self._calls = []
+        self.listeners = []  # callables(tracker) told when connections change
+
+    # --- registry -------------------------------------------------------
+    def add(self, conn):
+        self._connections.append(conn)
+        if self.draining and self.mode == TRANSACTION:
+            # Accepted in the instant before the listener closed: serve what it
+            # sends within the grace, then close like the others.
+            conn.drain_state = "closing"
+            conn.close_at_boundary(self.idle_grace)
+        self._changed()
+
+    def remove(self, conn):
+        try:
+            self._connections.remove(conn)
+        except ValueError:
+            return
+        if self.report is not None:
+            if conn.drain_state == "closing":
+                self.report.closed_by_server += 1
+            elif conn.drain_state == "open":
+                self.report.closed_by_client += 1
+        self._changed()
+        self._check_done()
+
+    def __len__(self):
+        return len(self._connections)
+
+    def connections(self, protocol_name=None):
+        return [
+            c for c in self._connections if protocol_name is None or c.protocol_name == protocol_name
+        ]
+
+    def counts(self):
+        """
+        protocol name -> (open connections, connections inside a transaction).
+        """
+        result = {}
+        for conn in self._connections:
+            total, busy = result.get(conn.protocol_name, (0, 0))
+            result[conn.protocol_name] = (total + 1, busy + (1 if conn.in_transaction() else 0))
+        return result
+
+    def _changed(self):
+        for listener in list(self.listeners):
+            listener(self)
+
+    # --- draining -------------------------------------------------------
+    def drain(self, mode=TRANSACTION, timeout=60.0, abort_grace=5.0):
+        """
+        Close every connection at a transaction boundary (C{transaction}) or
+        let clients close them (C{connection}) until C{timeout}, then close
+        the rest at their next boundary; abort what is left C{abort_grace}
+        later.
+
+        @return: a L{Deferred} firing with a L{DrainReport} once no connection
+            is left.
+        """
+        if mode not in DRAIN_MODES:
+            raise ValueError(f"drain mode must be one of {DRAIN_MODES}, not {mode!r}")
+        if self._done is not None:
+            return _chain(self._done)
+        self.draining = True
+        self.mode = mode
+        self.report = report = DrainReport()
+        report.started = self._clock()
+        report.at_start = len(self._connections)
+        report.busy_at_start = sum(1 for c in self._connections if c.in_transaction())
+        self._done = defer.Deferred()
+        self.log.info(
+            "Draining ({mode} level): {total} connection(s) open, {busy} inside a transaction",
+            mode=mode,
+            total=report.at_start,
+            busy=report.busy_at_start,
+        )
+        if mode == TRANSACTION:
+            self._close_all_at_boundary()
+        self._calls.append(self._reactor.callLater(timeout, self._deadline, timeout, abort_grace))
+        self._schedule_progress()
+        result = _chain(self._done)
+        self._changed()
+        self._check_done()
+        return result
+
+    def _close_all_at_boundary(self, idle_grace=None):
+        grace = self.idle_grace if idle_grace is None else idle_grace
+        for conn in list(self._connections):
+            if conn.drain_state == "open":
+                conn.drain_state = "closing"
+                conn.close_at_boundary(grace)
+
+    def _schedule_progress(self):
+        if self.progress_interval:
+            self._calls.append(self._reactor.callLater(self.progress_interval, self._progress))
+
+    def _progress(self):
+        if self._done is None or self._done.called:
+            return
+        for name, (total, busy) in sorted(self.counts().items()):
+            self.log.info(
+                "Still draining: {total} {name} connection(s) open, {busy} inside a transaction",
+                total=total,
+                busy=busy,
+                name=name,
+            )
+        self._schedule_progress()
+
+    def _deadline(self, timeout, abort_grace):
+        if not self._connections:
+            return
+        self.log.warn(
+            "Drain timeout ({timeout} s) reached with {n} connection(s) open; closing each at "
+            "its next transaction boundary, aborting what remains in {grace} s",
+            timeout=timeout,
+            n=len(self._connections),
+            grace=abort_grace,
+        )
+        self._close_all_at_boundary(idle_grace=0)
+        self._calls.append(self._reactor.callLater(abort_grace, self._abort_all))
+
+    def _abort_all(self):
+        for conn in list(self._connections):
+            description = conn.describe()
+            self.report.cut.append(description)
+            self.log.warn("Cutting {conn} at the hard drain deadline", conn=description)
+            conn.abort_connection()
+            # abortConnection reports connectionLost later; do not wait for it.
+            self.remove(conn)
+
+    def _check_done(self):
+        if self._done is None or self._done.called or self._connections:
+            return
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        report = self.report
+        report.duration = self._clock() - report.started
+        self.log.info("{summary}", summary=report.summary())
+        self._done.callback(report)
+
+
+def _chain(d):
+    result = defer.Deferred()
+
+    def fire(value):
+        result.callback(value)
+        return value
+
+    d.addBoth(fire)
+    return result

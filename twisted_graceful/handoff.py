@@ -1,0 +1,204 @@
+"""
+The environment a generation hands to the next one, and its validation.
+
+The parent maps the first listener to fd 3, the ready pipe to fd 4 and further
+listeners from fd 5 on (like the seed's C{cmd.ExtraFiles}), and names them in
+the environment so the child finds each listener by name, not by position.
+"""
+
+import os
+import re
+import stat
+
+from twisted_graceful.listeners import ListenerError, check_listening_socket
+
+LISTENERS_ENV = "GRACEFUL_LISTENERS"  # "http=3,txn=5": listener name = fd
+READY_FD_ENV = "GRACEFUL_READY_FD"  # the write end of the ready pipe
+GENERATION_ENV = "GRACEFUL_GENERATION"  # this process's generation number
+PARENT_PID_ENV = "GRACEFUL_PARENT_PID"  # the generation that spawned us
+PIDFILE_ENV = "GRACEFUL_PIDFILE"  # where the live generation's PID goes
+STDIO_FDS_ENV = "GRACEFUL_STDIO_FDS"  # the parent's own stdout,stderr
+READY_TIMEOUT_ENV = "GRACEFUL_READY_TIMEOUT"  # seconds the parent waits for us
+
+HANDOFF_VARIABLES = (
+    LISTENERS_ENV,
+    READY_FD_ENV,
+    GENERATION_ENV,
+    PARENT_PID_ENV,
+    PIDFILE_ENV,
+    STDIO_FDS_ENV,
+    READY_TIMEOUT_ENV,
+)
+
+FIRST_LISTENER_FD = 3
+READY_FD = 4
+NEXT_LISTENER_FD = 5
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+class HandoffError(ListenerError):
+    """
+    What the previous generation handed us is missing or malformed.
+    """
+
+
+def is_handoff(environ):
+    """
+    Was this process started by a previous generation?
+    """
+    return LISTENERS_ENV in environ or READY_FD_ENV in environ
+
+
+def _fd_number(variable, text):
+    try:
+        fd = int(text)
+    except (TypeError, ValueError):
+        raise HandoffError(f"{variable}={text!r}: {text!r} is not a file descriptor number")
+    if fd < 3:
+        raise HandoffError(f"{variable}={text!r}: fd {fd} is stdin/stdout/stderr, not a handoff fd")
+    return fd
+
+
+def parse_listener_map(text):
+    """
+    Parse C{name=fd,name=fd} into an ordered dict, raising L{HandoffError}
+    naming the variable.
+    """
+    result = {}
+    if not text or not text.strip():
+        raise HandoffError(f"{LISTENERS_ENV} is empty: the previous generation passed no listeners")
+    for item in text.split(","):
+        name, sep, fd_text = item.strip().partition("=")
+        if not sep or not _NAME.match(name):
+            raise HandoffError(
+                f"{LISTENERS_ENV}={text!r}: {item!r} is not of the form name=fd"
+            )
+        if name in result:
+            raise HandoffError(f"{LISTENERS_ENV}={text!r}: listener {name!r} is named twice")
+        fd = _fd_number(LISTENERS_ENV, fd_text)
+        if fd in result.values():
+            raise HandoffError(f"{LISTENERS_ENV}={text!r}: fd {fd} is given to two listeners")
+        result[name] = fd
+    return result
+
+
+def format_listener_map(mapping):
+    return ",".join(f"{name}={fd}" for name, fd in mapping.items())
+
+
+def inherit_listeners(environ, wanted):
+    """
+    Take over the listeners named in C{environ}.
+
+    @param wanted: listener name -> expected address family (or L{None}).
+    @return: listener name -> socket (each a dup; the inherited fds are closed).
+    @raise HandoffError: naming the variable, for anything missing or malformed.
+    """
+    mapping = parse_listener_map(environ.get(LISTENERS_ENV, ""))
+    missing = [name for name in wanted if name not in mapping]
+    if missing:
+        raise HandoffError(
+            f"{LISTENERS_ENV}={environ.get(LISTENERS_ENV)!r} has no listener named "
+            f"{', '.join(repr(m) for m in missing)}; the previous generation was started "
+            f"with different listener options"
+        )
+    unexpected = [name for name in mapping if name not in wanted]
+    if unexpected:
+        raise HandoffError(
+            f"{LISTENERS_ENV}={environ.get(LISTENERS_ENV)!r} passes "
+            f"{', '.join(repr(u) for u in unexpected)}, which this generation has no "
+            f"option for; start it with the same listener options as the previous one"
+        )
+    sockets = {}
+    try:
+        for name, fd in mapping.items():
+            try:
+                sockets[name] = check_listening_socket(fd, wanted[name])
+            except ListenerError as e:
+                raise HandoffError(f"{LISTENERS_ENV}: listener {name!r}: {e}")
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    for fd in mapping.values():
+        _close_quietly(fd)
+    return sockets
+
+
+def inherit_ready_fd(environ):
+    """
+    Return the write end of the ready pipe named by C{GRACEFUL_READY_FD}.
+    """
+    text = environ.get(READY_FD_ENV)
+    if text is None:
+        raise HandoffError(f"{READY_FD_ENV} is missing: the previous generation gave no ready pipe")
+    fd = _fd_number(READY_FD_ENV, text)
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise HandoffError(f"{READY_FD_ENV}={text!r}: fd {fd} is not open ({e.strerror})")
+    if not stat.S_ISFIFO(st.st_mode):
+        raise HandoffError(f"{READY_FD_ENV}={text!r}: fd {fd} is not a pipe")
+    return fd
+
+
+def inherit_generation(environ):
+    text = environ.get(GENERATION_ENV)
+    if text is None:
+        return 1
+    try:
+        generation = int(text)
+        if generation < 2:
+            raise ValueError(generation)
+    except ValueError:
+        raise HandoffError(f"{GENERATION_ENV}={text!r}: not a generation number (2 or more)")
+    return generation
+
+
+def inherit_stdio_fds(environ):
+    """
+    The parent's own stdout and stderr, to take over once we are ready (until
+    then our output goes through the parent, which keeps it for its report).
+    """
+    text = environ.get(STDIO_FDS_ENV)
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise HandoffError(f"{STDIO_FDS_ENV}={text!r}: expected two fds: stdout,stderr")
+    fds = tuple(_fd_number(STDIO_FDS_ENV, p) for p in parts)
+    for fd in fds:
+        try:
+            os.fstat(fd)
+        except OSError as e:
+            raise HandoffError(f"{STDIO_FDS_ENV}={text!r}: fd {fd} is not open ({e.strerror})")
+    return fds
+
+
+def inherit_ready_timeout(environ, default=30.0):
+    text = environ.get(READY_TIMEOUT_ENV)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+        if not value > 0:
+            raise ValueError(value)
+    except ValueError:
+        raise HandoffError(f"{READY_TIMEOUT_ENV}={text!r}: not a positive number of seconds")
+    return value
+
+
+def forget_handoff(environ):
+    """
+    Remove the handoff variables so nothing else this process starts sees them.
+    """
+    for name in HANDOFF_VARIABLES:
+        environ.pop(name, None)
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,184 @@
+"""
+The HTTP side of the C{graceful} server: C{hello world} with its PID, slow
+requests with a heartbeat, and C{/healthz} for load balancers.
+"""
+
+import os
+
+from twisted.internet import task
+from twisted.web import resource, server
+
+
+class ServerIdentity:
+    """
+    Who is answering: the PID (read live: twistd may daemonize after the
+    service is built) and the generation.
+    """
+
+    def __init__(self, graceful_service):
+        self._service = graceful_service
+
+    @property
+    def pid(self):
+        return os.getpid()
+
+    @property
+    def generation(self):
+        return self._service.generation
+
+    @property
+    def draining(self):
+        return self._service.state == "draining"
+
+    def __str__(self):
+        return f"pid {self.pid} (generation {self.generation})"
+
+
+def heartbeat(message):
+    print(message, flush=True)
+
+
+class SlowRequest:
+    """
+    Answer C{request} after C{seconds}, printing a heartbeat line every
+    second so a person watching sees which PID is still working.
+    """
+
+    def __init__(self, reactor, identity, request, seconds, number, emit=heartbeat):
+        self.reactor = reactor
+        self.identity = identity
+        self.request = request
+        self.seconds = seconds
+        self.number = number
+        self.emit = emit
+        self.elapsed = 0
+        self._loop = None
+        self._done = None
+
+    def start(self):
+        self.emit(f"pid {self.identity.pid}: slow request #{self.number} started ({self.seconds} s)")
+        self.request.notifyFinish().addErrback(self._client_gone)
+        if self.seconds >= 1:
+            self._loop = task.LoopingCall(self._beat)
+            self._loop.clock = self.reactor
+            self._loop.start(1.0, now=False)
+        self._done = self.reactor.callLater(self.seconds, self._finish)
+        return server.NOT_DONE_YET
+
+    def _beat(self):
+        self.elapsed += 1
+        if self.elapsed <= self.seconds:
+            self.emit(
+                f"pid {self.identity.pid}: slow request #{self.number} "
+                f"{self.elapsed}/{int(self.seconds)} s"
+            )
+
+    def _stop(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._done is not None and self._done.active():
+            self._done.cancel()
+
+    def _finish(self):
+        self._stop()
+        self.emit(f"pid {self.identity.pid}: slow request #{self.number} done")
+        self.request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.request.write(
+            f"hello world from {self.identity} after a slow request of {self.seconds} s\n".encode()
+        )
+        self.request.finish()
+
+    def _client_gone(self, reason):
+        self._stop()
+        self.emit(f"pid {self.identity.pid}: slow request #{self.number}: client went away")
+
+
+class HelloResource(resource.Resource):
+    """
+    C{GET /}: C{hello world from pid N (generation G)}; every C{slow_every}th
+    such request is slow.
+    """
+
+    isLeaf = False
+
+    def __init__(self, reactor, identity, slow_every=10, slow_seconds=10.0, emit=heartbeat):
+        resource.Resource.__init__(self)
+        self.reactor = reactor
+        self.identity = identity
+        self.slow_every = slow_every
+        self.slow_seconds = slow_seconds
+        self.emit = emit
+        self.count = 0
+        self.slow_count = 0
+        self.putChild(b"slow", SlowResource(self))
+        self.putChild(b"healthz", HealthResource(identity))
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self
+        return resource.NoResource(f"No such page: /{path.decode('utf-8', 'replace')}")
+
+    def render_GET(self, request):
+        self.count += 1
+        if self.slow_every and self.count % self.slow_every == 0:
+            return self.slow(request, self.slow_seconds)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"hello world from {self.identity}\n".encode()
+
+    render_HEAD = render_GET
+
+    def slow(self, request, seconds):
+        self.slow_count += 1
+        return SlowRequest(
+            self.reactor, self.identity, request, seconds, self.slow_count, self.emit
+        ).start()
+
+
+class SlowResource(resource.Resource):
+    """
+    C{GET /slow?seconds=S}: one slow request on demand.
+    """
+
+    isLeaf = True
+    MAX_SECONDS = 3600
+
+    def __init__(self, hello):
+        resource.Resource.__init__(self)
+        self.hello = hello
+
+    def render_GET(self, request):
+        raw = request.args.get(b"seconds", [str(self.hello.slow_seconds).encode()])[0]
+        try:
+            seconds = float(raw)
+            if not 0 <= seconds <= self.MAX_SECONDS:
+                raise ValueError(seconds)
+        except ValueError:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return (
+                f"seconds must be a number from 0 to {self.MAX_SECONDS}, "
+                f"not {raw.decode('utf-8', 'replace')!r}\n"
+            ).encode()
+        return self.hello.slow(request, seconds)
+
+
+class HealthResource(resource.Resource):
+    """
+    C{GET /healthz}: 200 C{serving} while this process accepts, 503
+    C{draining} once it drains, so a load balancer stops routing to it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, identity):
+        resource.Resource.__init__(self)
+        self.identity = identity
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if self.identity.draining:
+            request.setResponseCode(503)
+            return f"draining {self.identity}\n".encode()
+        return f"serving {self.identity}\n".encode()
+
+    render_HEAD = render_GET

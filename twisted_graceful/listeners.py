@@ -1,0 +1,268 @@
+"""
+Listening sockets that survive a generation change.
+
+Every generation owns a raw listening socket (bound here, inherited from the
+previous generation, or passed by systemd) and serves it through
+C{reactor.adoptStreamPort}: a C{listenTCP} port would C{shutdown(2)} the shared
+socket for every process when it stops (PITFALLS 1).
+"""
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+
+class ListenerError(Exception):
+    """
+    A listener cannot be described, bound or inherited; the message says which
+    one and why, in words for an operator.
+    """
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """
+    What to listen on, parsed from a port number or an endpoint-style
+    description (C{tcp:8080}, C{tcp:8080:interface=127.0.0.1}, C{tcp6:8080},
+    C{unix:/run/app.sock}).
+    """
+
+    description: str
+    kind: str  # "tcp", "tcp6", "unix" or "systemd"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    backlog: int = 128
+    mode: int = 0o666
+    name: str = ""  # systemd: the socket's FileDescriptorName
+    index: int = -1  # systemd: position when unnamed
+
+    @property
+    def family(self):
+        if self.kind == "tcp":
+            return socket.AF_INET
+        if self.kind == "tcp6":
+            return socket.AF_INET6
+        if self.kind == "unix":
+            return socket.AF_UNIX
+        return None
+
+
+_KINDS = ("tcp", "tcp6", "unix", "systemd")
+
+
+def _split_description(description):
+    # Endpoint strings escape colons with a backslash (tcp6:8080:interface=\:\:1).
+    parts, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_listen_description(description, option="--port"):
+    """
+    Parse C{description} into a L{ListenSpec}; raise L{ListenerError} naming
+    C{option} for anything that is not a listener we can own.
+    """
+    text = str(description).strip()
+    if not text:
+        raise ListenerError(f"{option}: empty listener description")
+    if text.isdigit():
+        text = "tcp:" + text
+    parts = _split_description(text)
+    kind = parts[0].lower()
+    if kind not in _KINDS:
+        raise ListenerError(
+            f"{option} {description!r}: unsupported listener type {parts[0]!r}; "
+            f"use a port number, tcp:PORT, tcp6:PORT, unix:PATH or systemd:NAME"
+        )
+    positional = [p for p in parts[1:] if "=" not in p]
+    keywords = {}
+    for p in parts[1:]:
+        if "=" in p:
+            key, _, value = p.partition("=")
+            keywords[key.strip()] = value
+    try:
+        backlog = int(keywords.pop("backlog", 128))
+        if backlog < 1:
+            raise ValueError(backlog)
+    except ValueError:
+        raise ListenerError(f"{option} {description!r}: backlog must be a positive integer")
+
+    if kind in ("tcp", "tcp6"):
+        port_text = keywords.pop("port", positional[0] if positional else "")
+        try:
+            port = int(port_text)
+            if not 0 <= port <= 65535:
+                raise ValueError(port)
+        except ValueError:
+            raise ListenerError(
+                f"{option} {description!r}: port must be a number from 0 to 65535, "
+                f"not {port_text!r}"
+            )
+        host = keywords.pop("interface", "")
+        if not host:
+            host = "::" if kind == "tcp6" else "0.0.0.0"
+        _reject_unknown(option, description, keywords)
+        if kind == "tcp6" and ":" not in host:
+            # A tcp6 listener on an IPv4-looking or named interface is a mistake.
+            try:
+                socket.inet_pton(socket.AF_INET6, host)
+            except OSError:
+                raise ListenerError(f"{option} {description!r}: {host!r} is not an IPv6 address")
+        if kind == "tcp":
+            try:
+                socket.inet_pton(socket.AF_INET, host)
+            except OSError:
+                raise ListenerError(f"{option} {description!r}: {host!r} is not an IPv4 address")
+        return ListenSpec(text, kind, host=host, port=port, backlog=backlog)
+
+    if kind == "unix":
+        path = keywords.pop("address", positional[0] if positional else "")
+        if not path:
+            raise ListenerError(f"{option} {description!r}: unix: needs a socket path")
+        mode_text = keywords.pop("mode", "666")
+        keywords.pop("lockfile", None)
+        try:
+            mode = int(mode_text, 8)
+        except ValueError:
+            raise ListenerError(f"{option} {description!r}: mode must be octal, not {mode_text!r}")
+        _reject_unknown(option, description, keywords)
+        return ListenSpec(text, kind, path=os.path.abspath(path), backlog=backlog, mode=mode)
+
+    # systemd:NAME, systemd:name=NAME, systemd:domain=INET:index=0
+    keywords.pop("domain", None)
+    name = keywords.pop("name", positional[0] if positional else "")
+    index_text = keywords.pop("index", "")
+    _reject_unknown(option, description, keywords)
+    index = -1
+    if index_text:
+        try:
+            index = int(index_text)
+            if index < 0:
+                raise ValueError(index)
+        except ValueError:
+            raise ListenerError(f"{option} {description!r}: index must be a number >= 0")
+    if not name and index < 0:
+        raise ListenerError(f"{option} {description!r}: systemd: needs a socket name or index=N")
+    return ListenSpec(text, "systemd", name=name, index=index, backlog=backlog)
+
+
+def _reject_unknown(option, description, keywords):
+    if keywords:
+        raise ListenerError(
+            f"{option} {description!r}: unknown parameter(s) {', '.join(sorted(keywords))}"
+        )
+
+
+def bind_listener(spec, option="--port", reuse_port=False):
+    """
+    Bind and listen on a fresh non-blocking socket for C{spec}.
+    """
+    family = spec.family
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            _remove_stale_unix_socket(spec, option)
+            sock.bind(spec.path)
+            os.chmod(spec.path, spec.mode)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((spec.host, spec.port))
+        sock.listen(spec.backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        where = spec.path if family == socket.AF_UNIX else f"{spec.host} port {spec.port}"
+        reason = e.strerror or str(e)
+        if e.errno == errno.EADDRINUSE:
+            reason = "address already in use (is another server running there?)"
+        raise ListenerError(f"{option} {spec.description}: cannot listen on {where}: {reason}")
+    return sock
+
+
+def _remove_stale_unix_socket(spec, option):
+    try:
+        st = os.stat(spec.path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(
+            f"{option} {spec.description}: {spec.path} exists and is not a socket; "
+            f"refusing to replace it"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(spec.path)
+    except OSError:
+        os.unlink(spec.path)  # nobody listens: a leftover from a stopped server
+    else:
+        raise ListenerError(
+            f"{option} {spec.description}: cannot listen on {spec.path}: "
+            f"address already in use (is another server running there?)"
+        )
+    finally:
+        probe.close()
+
+
+def check_listening_socket(fd, family=None):
+    """
+    Return a socket object (a dup of C{fd}) if C{fd} is a listening stream
+    socket (of C{family}, when given); else raise L{ListenerError}.
+    The caller's descriptor is left open.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ListenerError(f"fd {fd} is not open ({e.strerror})")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"fd {fd} is not a socket")
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise ListenerError(f"fd {fd} is not a stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenerError(f"fd {fd} is a socket that is not listening")
+        if family is not None and sock.family != family:
+            raise ListenerError(
+                f"fd {fd} is a {_family_name(sock.family)} socket, "
+                f"expected {_family_name(family)}"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _family_name(family):
+    return {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6", socket.AF_UNIX: "UNIX"}.get(
+        family, str(family)
+    )
+
+
+def describe_socket(sock):
+    """
+    A short human description of where C{sock} listens.
+    """
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == socket.AF_INET6:
+        return f"tcp6:[{name[0]}]:{name[1]}"
+    return f"tcp:{name[0]}:{name[1]}"

@@ -1,0 +1,67 @@
+"""
+The pidfile follows the live generation (PITFALLS 5).
+
+It is written atomically (C{os.replace}) by the old generation once the new
+one is ready, before the old one exits; a generation removes it at exit only
+if it still names that generation's own PID.
+"""
+
+import os
+
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+
+
+def write_pidfile(path, pid):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{pid}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_pidfile_if_own(path, pid=None):
+    """
+    Remove C{path} if it names C{pid} (this process by default).
+    @return: whether it was removed.
+    """
+    pid = os.getpid() if pid is None else pid
+    if not path or read_pid(path) != pid:
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+_patched = False
+
+
+def protect_twistd_pidfile():
+    """
+    Make twistd remove its pidfile at exit only if it still names this process:
+    after a handover it names the next generation.
+    """
+    global _patched
+    if _patched:
+        return
+    try:
+        from twisted.scripts import _twistd_unix
+    except ImportError:  # not on a POSIX twistd
+        return
+    original = _twistd_unix.UnixApplicationRunner.removePID
+
+    def removePID(self, pidfile):
+        if pidfile and read_pid(pidfile) not in (None, os.getpid()):
+            return
+        original(self, pidfile)
+
+    _twistd_unix.UnixApplicationRunner.removePID = removePID
+    _patched = True

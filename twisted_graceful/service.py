@@ -1,0 +1,407 @@
+"""
+L{GracefulService}: the machinery any Twisted application uses to upgrade
+itself without refusing a connection or cutting a request.
+
+    svc = GracefulService(reactor, pidfile="app.pid")
+    svc.add_listener("http", "tcp:8080", site)
+    svc.setServiceParent(application)
+
+Every listener is a raw socket (bound, inherited from the previous
+generation, or from systemd) served through C{adoptStreamPort}. SIGHUP
+spawns the next generation; when it is ready this one stops accepting, hands
+the pidfile over, drains and exits. SIGTERM drains and exits.
+"""
+
+import functools
+import os
+import signal
+import sys
+from collections import OrderedDict
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet import unix as unix_transport
+from twisted.internet import tcp
+from twisted.logger import Logger
+
+from twisted_graceful import handoff
+from twisted_graceful.child import ReadyPipe, take_over_stdio
+from twisted_graceful.command import next_generation_command, twistd_config_from_argv
+from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
+from twisted_graceful.listeners import (
+    ListenerError,
+    bind_listener,
+    describe_socket,
+    parse_listen_description,
+)
+from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
+from twisted_graceful.pidfile import protect_twistd_pidfile, remove_pidfile_if_own
+from twisted_graceful.upgrader import HANDED_OVER, SHUTTING_DOWN, UPGRADING, Upgrader
+
+
+class Inheritance:
+    """
+    What this generation starts with: its listening sockets (bound here or
+    inherited) and, if a previous generation started it, the handshake fds.
+    """
+
+    def __init__(self, sockets, generation=1, ready_fd=None, stdio_fds=None, pidfile=None,
+                 ready_timeout=None, parent_pid=None, source="bound"):
+        self.sockets = sockets
+        self.generation = generation
+        self.ready_fd = ready_fd
+        self.stdio_fds = stdio_fds
+        self.pidfile = pidfile
+        self.ready_timeout = ready_timeout
+        self.parent_pid = parent_pid
+        self.source = source
+
+    @classmethod
+    def acquire(cls, specs, environ=None, reuse_port=False, options=None):
+        """
+        Take the listeners from the previous generation if it started us,
+        else bind them.
+
+        @param specs: listener name -> L{ListenSpec}.
+        @param options: listener name -> the option that named it (for errors).
+        @raise ListenerError: in words naming the option or variable at fault.
+        """
+        environ = os.environ if environ is None else environ
+        options = options or {}
+        if handoff.is_handoff(environ):
+            wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
+            generation = handoff.inherit_generation(environ)
+            stdio = handoff.inherit_stdio_fds(environ)
+            timeout = handoff.inherit_ready_timeout(environ)
+            ready_fd = handoff.inherit_ready_fd(environ)
+            sockets = handoff.inherit_listeners(environ, wanted)
+            parent = environ.get(handoff.PARENT_PID_ENV, "")
+            result = cls(
+                sockets, generation, ready_fd, stdio,
+                pidfile=environ.get(handoff.PIDFILE_ENV) or None,
+                ready_timeout=timeout,
+                parent_pid=int(parent) if parent.isdigit() else None,
+                source="inherited",
+            )
+            handoff.forget_handoff(environ)
+            return result
+        sockets = OrderedDict()
+        try:
+            for name, spec in specs.items():
+                if spec.kind == "systemd":
+                    raise ListenerError(
+                        f"{options.get(name, '--port')} {spec.description}: this process was "
+                        f"not started by systemd socket activation (LISTEN_FDS is not set)"
+                    )
+                sockets[name] = bind_listener(spec, options.get(name, "--port"), reuse_port)
+        except BaseException:
+            for sock in sockets.values():
+                sock.close()
+            raise
+        return cls(sockets)
+
+
+class _Listener:
+    def __init__(self, name, spec, factory, option):
+        self.name = name
+        self.spec = spec
+        self.factory = factory
+        self.option = option
+        self.port = None
+
+
+class GracefulService(service.MultiService):
+    """
+    Owns the listeners, the upgrade (SIGHUP) and the drain (after a handover,
+    or on SIGTERM). Add your own services as children: they start before this
+    generation reports ready and stop after it has drained.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor=None, *, pidfile=None, ready_timeout=30.0, drain_timeout=60.0,
+                 abort_grace=5.0, idle_grace=1.0, drain_mode=TRANSACTION, command=None,
+                 environ=None, inheritance=None, reuse_port=False, backoff_base=1.0,
+                 backoff_max=60.0, install_signal_handlers=True, relay_output=True):
+        service.MultiService.__init__(self)
+        if reactor is None:
+            from twisted.internet import reactor
+        if drain_mode not in DRAIN_MODES:
+            raise ValueError(f"drain mode must be one of {', '.join(DRAIN_MODES)}")
+        self.reactor = reactor
+        self.pidfile = os.path.abspath(pidfile) if pidfile else None
+        self.ready_timeout = ready_timeout
+        self.drain_timeout = drain_timeout
+        self.abort_grace = abort_grace
+        self.drain_mode = drain_mode
+        self.command = command
+        self.environ = os.environ if environ is None else environ
+        self.inheritance = inheritance
+        self.reuse_port = reuse_port
+        self.install_signal_handlers = install_signal_handlers
+        self.relay_output = relay_output
+        self.cwd = os.getcwd()
+        self.listeners = OrderedDict()
+        self.readiness_checks = []
+        self.tracker = DrainTracker(reactor, idle_grace=idle_grace)
+        self.upgrader = Upgrader(
+            reactor, self._start_child, self._hand_over, ready_timeout=ready_timeout,
+            backoff_base=backoff_base, backoff_max=backoff_max,
+        )
+        self.ready = False
+        self.started_at = None
+        self.drain_report = None
+        self._ready_waiters = []
+        self._previous_sighup = None
+
+    # --- configuration ----------------------------------------------------
+    @property
+    def generation(self):
+        return self.upgrader.generation
+
+    @property
+    def state(self):
+        if self.upgrader.state in (HANDED_OVER, SHUTTING_DOWN):
+            return "draining"
+        if self.upgrader.state == UPGRADING:
+            return "upgrading"
+        return "serving" if self.ready else "starting"
+
+    def add_listener(self, name, description, factory, option=None):
+        """
+        Serve C{factory} on C{description} (a port number or endpoint-style
+        string), handed to every later generation under C{name}.
+        """
+        option = option or f"listener {name!r}"
+        if name in self.listeners:
+            raise ValueError(f"listener {name!r} is added twice")
+        spec = parse_listen_description(description, option)
+        self.listeners[name] = _Listener(name, spec, factory, option)
+        return spec
+
+    def add_readiness_check(self, check):
+        """
+        C{check()} returns a Deferred (or a value); this generation reports
+        ready only once every check has succeeded. A failing check is retried
+        with backoff until the ready timeout.
+        """
+        self.readiness_checks.append(check)
+
+    def when_ready(self):
+        d = defer.Deferred()
+        if self.ready:
+            d.callback(self)
+        else:
+            self._ready_waiters.append(d)
+        return d
+
+    # --- start ------------------------------------------------------------
+    def acquire(self):
+        if self.inheritance is None:
+            self.inheritance = Inheritance.acquire(
+                OrderedDict((n, l.spec) for n, l in self.listeners.items()),
+                self.environ, self.reuse_port,
+                OrderedDict((n, l.option) for n, l in self.listeners.items()),
+            )
+        inh = self.inheritance
+        self.upgrader.generation = inh.generation
+        if inh.pidfile:
+            self.pidfile = inh.pidfile
+        if inh.ready_timeout:
+            self.ready_timeout = inh.ready_timeout
+        return inh
+
+    def privilegedStartService(self):
+        self.acquire()
+        service.MultiService.privilegedStartService(self)
+
+    def startService(self):
+        inh = self.acquire()
+        self.started_at = self.reactor.seconds()
+        service.MultiService.startService(self)
+        protect_twistd_pidfile()
+        if self.install_signal_handlers:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        for listener in self.listeners.values():
+            sock = inh.sockets[listener.name]
+            listener.port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, listener.factory)
+            # Not ready yet: the previous generation serves this queue alone
+            # until we know we can serve it too.
+            listener.port.stopReading()
+            sock.close()  # adoptStreamPort made its own copy (PITFALLS 2)
+            if listener.spec.family == unix_transport.socket.AF_UNIX:
+                # Never unlink a path the next generation serves (PITFALLS 1).
+                listener.port.connectionLost = functools.partial(
+                    tcp.Port.connectionLost, listener.port
+                )
+        self.log.info(
+            "pid {pid} generation {gen}: {how} {listeners}",
+            pid=os.getpid(), gen=self.generation,
+            how="inherited" if inh.source == "inherited" else "listening on",
+            listeners=", ".join(
+                f"{l.name}={describe_socket(l.port.socket)}" for l in self.listeners.values()
+            ),
+        )
+        self._become_ready()
+
+    def _sighup(self, signum, frame):
+        self.reactor.callFromThread(self.upgrade, "SIGHUP")
+
+    @defer.inlineCallbacks
+    def _become_ready(self):
+        deadline = self.reactor.seconds() + self.ready_timeout * 0.9
+        delay = 0.1
+        attempt = 1
+        while True:
+            try:
+                for check in self.readiness_checks:
+                    yield defer.maybeDeferred(check)
+                break
+            except Exception as e:
+                remaining = deadline - self.reactor.seconds()
+                if remaining <= delay:
+                    self.log.critical(
+                        "pid {pid} generation {gen}: not ready after {n} attempt(s), giving up: "
+                        "{err}", pid=os.getpid(), gen=self.generation, n=attempt, err=e,
+                    )
+                    sys.stderr.write(f"twisted-graceful: not ready, giving up: {e}\n")
+                    sys.stderr.flush()
+                    os._exit(3)
+                self.log.warn(
+                    "pid {pid} generation {gen}: readiness check failed (attempt {n}): {err}; "
+                    "retrying in {delay:.1f} s",
+                    pid=os.getpid(), gen=self.generation, n=attempt, err=e, delay=delay,
+                )
+                yield task.deferLater(self.reactor, delay, lambda: None)
+                attempt += 1
+                delay = min(delay * 2, 2.0)
+        if not self.running:
+            return
+        for listener in self.listeners.values():
+            listener.port.startReading()
+        self.ready = True
+        inh = self.inheritance
+        if inh.ready_fd is not None:
+            take_over_stdio(inh.stdio_fds)
+            inh.stdio_fds = None
+            self.log.info(
+                "pid {pid} generation {gen}: ready after {ms:.0f} ms; telling pid {parent}",
+                pid=os.getpid(), gen=self.generation,
+                ms=(self.reactor.seconds() - self.started_at) * 1000, parent=inh.parent_pid,
+            )
+            ReadyPipe(inh.ready_fd).signal_ready()
+            inh.ready_fd = None
+        else:
+            self.log.info("pid {pid} generation {gen}: serving", pid=os.getpid(),
+                          gen=self.generation)
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    # --- upgrade ----------------------------------------------------------
+    def upgrade(self, reason="upgrade requested"):
+        """
+        Start the next generation (what SIGHUP does).
+        """
+        if not self.ready and self.upgrader.state not in (HANDED_OVER, SHUTTING_DOWN):
+            self.log.warn(
+                "{reason} ignored: pid {pid} generation {gen} is not serving yet",
+                reason=reason, pid=os.getpid(), gen=self.generation,
+            )
+            return "refused"
+        return self.upgrader.request_upgrade(reason)
+
+    def _next_command(self):
+        if self.command is not None:
+            return self.command() if callable(self.command) else self.command
+        return next_generation_command(twistd_config_from_argv(sys.argv), sys.argv, self.cwd)
+
+    def _start_child(self, on_ready, on_failed):
+        executable, args = self._next_command()
+        proto = NextGenerationProcess(on_ready, on_failed, relay=self.relay_output)
+        spawn_next_generation(
+            self.reactor, proto, executable, args,
+            OrderedDict((n, l.port.fileno()) for n, l in self.listeners.items()),
+            self.environ, self.generation + 1, self.pidfile, self.ready_timeout, self.cwd,
+        )
+        return proto
+
+    def _hand_over(self, child_pid):
+        self.stop_accepting()
+        if self.pidfile:
+            from twisted_graceful.pidfile import write_pidfile
+
+            write_pidfile(self.pidfile, child_pid)
+        self.log.info(
+            "pid {pid} generation {gen}: stopped accepting; pid {child} (generation {next}) "
+            "serves now{pidfile}; draining",
+            pid=os.getpid(), gen=self.generation, child=child_pid, next=self.generation + 1,
+            pidfile=f" and {self.pidfile} names it" if self.pidfile else "",
+        )
+        self.handed_over_to = child_pid
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stop_accepting(self):
+        """
+        Close our copies of the listening sockets: never C{shutdown()}, which
+        would stop them for the next generation too (PITFALLS 1, 10).
+        """
+        stopped = []
+        for listener in self.listeners.values():
+            if listener.port is not None:
+                stopped.append(defer.maybeDeferred(listener.port.stopListening))
+                listener.port = _Closed(listener.port)
+        return defer.DeferredList(stopped)
+
+    # --- stop -------------------------------------------------------------
+    def stopService(self):
+        if self.upgrader.state != HANDED_OVER:
+            self.upgrader.shutting_down()
+            self.log.info(
+                "pid {pid} generation {gen}: shutting down; no longer accepting",
+                pid=os.getpid(), gen=self.generation,
+            )
+            self.stop_accepting()
+        if self.install_signal_handlers and self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        d = self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace)
+
+        def drained(report):
+            self.drain_report = report
+            self.log.info(
+                "pid {pid} generation {gen}: {summary}; exiting",
+                pid=os.getpid(), gen=self.generation, summary=report.summary(),
+            )
+            return service.MultiService.stopService(self)
+
+        d.addCallback(drained)
+        d.addBoth(self._release_pidfile)
+        return d
+
+    def _release_pidfile(self, result):
+        if self.pidfile and self.inheritance is not None and self.inheritance.source == "inherited":
+            remove_pidfile_if_own(self.pidfile)
+        return result
+
+
+class _Closed:
+    """
+    Stands in for a port this generation no longer accepts on.
+    """
+
+    def __init__(self, port):
+        self.socket = port.socket
+        self._fileno = -1
+
+    def fileno(self):
+        return -1
+
+    def stopListening(self):
+        return None
+
+    def startReading(self):
+        pass
+
+    def stopReading(self):
+        pass

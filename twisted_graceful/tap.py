@@ -1,0 +1,110 @@
+"""
+C{twistd graceful}: the options and the wiring of the demo server.
+"""
+
+import os
+
+from twisted.python import usage
+
+from twisted_graceful.command import next_generation_command
+from twisted_graceful.drain import DRAIN_MODES
+from twisted_graceful.hello import HelloResource, ServerIdentity
+from twisted_graceful.http import GracefulSite, self_test_request
+from twisted_graceful.listeners import ListenerError, parse_listen_description
+from twisted_graceful.service import GracefulService, Inheritance
+
+
+def _positive(name, cast=float, allow_zero=False):
+    def check(value):
+        try:
+            number = cast(value)
+        except (TypeError, ValueError):
+            raise usage.UsageError(f"--{name} must be a number, not {value!r}")
+        if number < 0 or (number == 0 and not allow_zero):
+            raise usage.UsageError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+        return number
+
+    return check
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve HTTP (hello world with its PID) and upgrade without dropping a "
+        "connection: kill -HUP the process named in the pidfile to start the next "
+        "generation, kill -TERM to drain and exit."
+    )
+    optParameters = [
+        ["port", "p", "8080", "HTTP listener: a port number or tcp:PORT[:interface=ADDR], "
+         "tcp6:PORT, unix:PATH"],
+        ["ready-timeout", None, 30.0, "Seconds the next generation has to become ready",
+         _positive("ready-timeout")],
+        ["drain-timeout", None, 60.0, "Seconds to let connections finish before closing them",
+         _positive("drain-timeout", allow_zero=True)],
+        ["abort-grace", None, 5.0, "Seconds after --drain-timeout before what remains is cut",
+         _positive("abort-grace", allow_zero=True)],
+        ["idle-grace", None, 1.0, "Seconds an idle keep-alive connection may still send one "
+         "request once draining starts", _positive("idle-grace", allow_zero=True)],
+        ["drain", None, "transaction", "Drain level: transaction (close each connection at "
+         "its next transaction boundary) or connection (let clients close)"],
+        ["slow-every", None, 10, "Every Nth GET / is slow (0: never)",
+         _positive("slow-every", int, allow_zero=True)],
+        ["slow-seconds", None, 10.0, "How long a slow request takes",
+         _positive("slow-seconds", allow_zero=True)],
+    ]
+    optFlags = [
+        ["reuse-port", None, "Set SO_REUSEPORT on sockets this process binds (for comparison "
+         "benchmarks; not needed for upgrades)"],
+    ]
+
+    def listener_options(self):
+        """
+        listener name -> (option, description).
+        """
+        return {"http": ("--port", self["port"])}
+
+    def postOptions(self):
+        if self["drain"] not in DRAIN_MODES:
+            raise usage.UsageError(
+                f"--drain must be one of {', '.join(DRAIN_MODES)}, not {self['drain']!r}"
+            )
+        specs, options = {}, {}
+        try:
+            for name, (option, description) in self.listener_options().items():
+                specs[name] = parse_listen_description(description, option)
+                options[name] = option
+            # Bind (or inherit) now, before twistd daemonizes: a port in use or
+            # garbage from the previous generation is a usage error, not a traceback.
+            self.inheritance = Inheritance.acquire(specs, os.environ, self["reuse-port"], options)
+        except ListenerError as e:
+            raise usage.UsageError(str(e))
+        self.cwd = os.getcwd()
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    twistd_config = options.parent if options.parent is not None else {"nodaemon": True}
+    pidfile = twistd_config.get("pidfile") if hasattr(twistd_config, "get") else None
+
+    def command():
+        return next_generation_command(twistd_config, cwd=options.cwd)
+
+    graceful = GracefulService(
+        reactor,
+        pidfile=pidfile,
+        ready_timeout=options["ready-timeout"],
+        drain_timeout=options["drain-timeout"],
+        abort_grace=options["abort-grace"],
+        idle_grace=options["idle-grace"],
+        drain_mode=options["drain"],
+        command=command,
+        inheritance=options.inheritance,
+    )
+    identity = ServerIdentity(graceful)
+    root = HelloResource(reactor, identity, options["slow-every"], options["slow-seconds"])
+    site = GracefulSite(root, drain_tracker=graceful.tracker)
+    site.displayTracebacks = False
+    graceful.add_listener("http", options["port"], site, option="--port")
+    graceful.add_readiness_check(lambda: self_test_request(reactor, site))
+    return graceful
