@@ -36,9 +36,12 @@ class NextGenerationProcess(protocol.ProcessProtocol):
         self.exit_description = None
         self._failure_reported = False
 
-    @property
-    def pid(self):
-        return getattr(self.transport, "pid", None)
+    pid = None
+
+    def makeConnection(self, transport):
+        # The transport forgets its pid once the process is reaped; we do not.
+        self.pid = getattr(transport, "pid", None)
+        protocol.ProcessProtocol.makeConnection(self, transport)
 
     def childDataReceived(self, fd, data):
         if fd == handoff.READY_FD:

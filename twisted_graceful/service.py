@@ -71,10 +71,15 @@ class Inheritance:
         if handoff.is_handoff(environ):
             wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
             generation = handoff.inherit_generation(environ)
-            stdio = handoff.inherit_stdio_fds(environ)
             timeout = handoff.inherit_ready_timeout(environ)
-            ready_fd = handoff.inherit_ready_fd(environ)
             sockets = handoff.inherit_listeners(environ, wanted)
+            try:
+                ready_fd = handoff.inherit_ready_fd(environ)
+                stdio = handoff.inherit_stdio_fds(environ)
+            except BaseException:
+                for sock in sockets.values():
+                    sock.close()
+                raise
             parent = environ.get(handoff.PARENT_PID_ENV, "")
             result = cls(
                 sockets, generation, ready_fd, stdio,

@@ -1,0 +1,280 @@
+"""
+Real processes for end-to-end tests: start C{twistd}, read its output line by
+line, find its ports, signal it, and wait for events (a line, a pidfile, a
+port answering), never for a fixed time.
+"""
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+TWISTD = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
+
+LISTENING = re.compile(r"pid (\d+) generation (\d+): (?:listening on|inherited) (.*)$")
+DEFAULT_TIMEOUT = 30.0
+
+
+class ServerProcess:
+    """
+    One C{twistd} command line and every generation it becomes. All
+    generations share our stdout pipe: the first writes to it, the next ones
+    through the first until they are ready, then directly.
+    """
+
+    def __init__(self, testcase, args, cwd=None, env=None, daemon=False, twistd_args=()):
+        self.testcase = testcase
+        self.cwd = cwd or os.path.abspath(testcase.mktemp())
+        os.makedirs(self.cwd, exist_ok=True)
+        self.pidfile = os.path.join(self.cwd, "twistd.pid")
+        self.logfile = os.path.join(self.cwd, "twistd.log")
+        self.daemon = daemon
+        command = [sys.executable, TWISTD]
+        if not daemon:
+            command.append("--nodaemon")
+        command += ["--pidfile", self.pidfile]
+        if daemon:
+            command += ["--logfile", self.logfile]
+        command += list(twistd_args) + list(args)
+        self.command = command
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.lines = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self.pids = set()
+        self.proc = None
+        self._log_pos = 0
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.testcase.addCleanup(self.kill_all)
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        if self.daemon:
+            threading.Thread(target=self._follow_log, daemon=True).start()
+        return self
+
+    def _read(self, stream):
+        for raw in iter(stream.readline, b""):
+            self._add(raw.decode("utf-8", "replace").rstrip("\n"))
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _follow_log(self):
+        # A daemon logs to a file: follow it like tail -f, until every
+        # generation is gone.
+        deadline = time.monotonic() + 600
+        buf = b""
+        while time.monotonic() < deadline:
+            try:
+                with open(self.logfile, "rb") as f:
+                    f.seek(self._log_pos)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            if chunk:
+                self._log_pos += len(chunk)
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                for raw in complete:
+                    self._add(raw.decode("utf-8", "replace"))
+            elif self._stopped_following():
+                return
+            else:
+                time.sleep(0.05)  # polling a file; no event to wait on
+
+    def _stopped_following(self):
+        return getattr(self, "_stop_follow", False)
+
+    def _add(self, line):
+        with self._cond:
+            self.lines.append(line)
+            m = LISTENING.search(line)
+            if m:
+                self.pids.add(int(m.group(1)))
+            self._cond.notify_all()
+
+    # --- waiting ----------------------------------------------------------
+    def wait_for(self, pattern, timeout=DEFAULT_TIMEOUT, start=0):
+        """
+        Wait for a line matching C{pattern} (a regex) at index >= C{start};
+        return (index, match).
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        index = start
+        with self._cond:
+            while True:
+                while index < len(self.lines):
+                    m = regex.search(self.lines[index])
+                    if m:
+                        return index, m
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self._eof and not self.daemon):
+                    raise AssertionError(
+                        f"no line matching {pattern!r} within {timeout} s; output:\n"
+                        + self.output()
+                    )
+                self._cond.wait(remaining)
+
+    def count(self, pattern):
+        regex = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def output(self, last=80):
+        with self._cond:
+            return "\n".join(self.lines[-last:])
+
+    def wait_listening(self, generation=1, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{generation} logs its listeners; return (pid, ports) where
+        ports maps listener name -> port number (or unix path).
+        """
+        _, m = self.wait_for(
+            rf"pid (\d+) generation {generation}: (?:listening on|inherited) (.*)$", timeout)
+        ports = {}
+        for item in m.group(2).split(", "):
+            name, _, where = item.partition("=")
+            if where.startswith("unix:"):
+                ports[name] = where[5:]
+            else:
+                ports[name] = int(where.rsplit(":", 1)[1])
+        return int(m.group(1)), ports
+
+    def wait_ready(self, generation=1, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{generation} serves; return its pid.
+        """
+        if generation == 1:
+            _, m = self.wait_for(r"pid (\d+) generation 1: serving", timeout)
+        else:
+            _, m = self.wait_for(rf"pid (\d+) generation {generation}: ready after", timeout)
+        return int(m.group(1))
+
+    def wait_handover(self, old_generation, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{old_generation} has stopped accepting and named its
+        successor; return the successor's pid.
+        """
+        _, m = self.wait_for(
+            rf"generation {old_generation}: stopped accepting; pid (\d+) \(generation "
+            rf"{old_generation + 1}\) serves now", timeout)
+        return int(m.group(1))
+
+    def wait_exit_line(self, pid, timeout=DEFAULT_TIMEOUT):
+        return self.wait_for(rf"pid {pid} generation \d+: .*exiting", timeout)
+
+    def wait_all_exited(self, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until every generation has exited (our stdout pipe reaches EOF
+        only when the last process holding it is gone) and check no PID we
+        saw is still alive.
+        """
+        if self.daemon:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and any(pid_alive(p) for p in self.pids):
+                time.sleep(0.05)  # no pipe to a daemon: poll its PIDs
+        else:
+            with self._cond:
+                deadline = time.monotonic() + timeout
+                while not self._eof:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise AssertionError("processes still running; output:\n" + self.output())
+                    self._cond.wait(remaining)
+            self.proc.wait(timeout)
+        alive = [p for p in self.pids if pid_alive(p)]
+        if alive:
+            raise AssertionError(f"left behind: {alive}\n" + self.output())
+        self._stop_follow = True
+
+    # --- acting -----------------------------------------------------------
+    def read_pidfile(self):
+        with open(self.pidfile) as f:
+            return int(f.read().strip())
+
+    def wait_pidfile(self, expected=None, timeout=DEFAULT_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid = self.read_pidfile()
+                if expected is None or pid == expected:
+                    return pid
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pidfile {self.pidfile} never named {expected}")
+            time.sleep(0.02)  # a file has no event to wait on
+
+    def signal(self, pid, sig):
+        os.kill(pid, sig)
+
+    def kill_all(self):
+        for pid in list(self.pids) + ([self.proc.pid] if self.proc else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.proc.stdout:
+                self.proc.stdout.close()
+        self._stop_follow = True
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except OSError:
+        return False
+    return True
+
+
+def http_get(port, path="/", timeout=10.0, host="127.0.0.1", method="GET", body=None,
+             headers=None):
+    """
+    One request on a fresh connection; return (status, body text, headers).
+    """
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read().decode("utf-8", "replace")
+        return response.status, data, dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def pid_in(body):
+    m = re.search(r"pid (\d+)", body)
+    return int(m.group(1)) if m else None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,353 @@
+"""
+End to end: real C{twistd} processes on ephemeral loopback ports, real
+signals, real sockets, real PIDs and pidfiles.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.e2e import TWISTD, ServerProcess, free_port, http_get, pid_alive, pid_in
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+def graceful(testcase, *extra, **kw):
+    args = ["graceful", "--port", LOOPBACK, "--slow-every", "0"] + list(extra)
+    return ServerProcess(testcase, args, **kw).start()
+
+
+class ChainedUpgradeTests(unittest.TestCase):
+    def test_three_chained_upgrades(self):
+        """
+        Each SIGHUP gives a new PID and generation; the pidfile follows; each
+        old process exits; nothing is left behind.
+        """
+        server = graceful(self)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        self.assertEqual(server.wait_pidfile(pid), pid)
+        status, body, _ = http_get(ports["http"])
+        self.assertEqual((status, pid_in(body)), (200, pid))
+        self.assertIn("generation 1", body)
+        seen = [pid]
+        for generation in (1, 2, 3):
+            server.signal(seen[-1], signal.SIGHUP)
+            new_pid = server.wait_handover(generation)
+            self.assertNotIn(new_pid, seen)
+            server.wait_exit_line(seen[-1])
+            self.assertEqual(server.wait_pidfile(new_pid), new_pid)
+            status, body, _ = http_get(ports["http"])
+            self.assertEqual(status, 200)
+            self.assertEqual(pid_in(body), new_pid)
+            self.assertIn(f"generation {generation + 1}", body)
+            seen.append(new_pid)
+        for old in seen[:-1]:
+            self._wait_gone(old)
+        server.signal(seen[-1], signal.SIGTERM)
+        server.wait_all_exited()
+        self.assertFalse(os.path.exists(server.pidfile), "the last generation removes its pidfile")
+
+    def _wait_gone(self, pid, timeout=20):
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            self.assertLess(time.monotonic(), deadline, f"pid {pid} did not exit")
+            time.sleep(0.02)
+
+    def test_daemonized_three_upgrades(self):
+        """
+        Daemonized twistd: the pidfile names the daemon, then each successor.
+        """
+        server = graceful(self, daemon=True)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        self.assertEqual(server.wait_pidfile(pid), pid)
+        current = pid
+        for generation in (1, 2, 3):
+            server.signal(current, signal.SIGHUP)
+            new_pid = server.wait_handover(generation)
+            self.assertEqual(server.wait_pidfile(new_pid), new_pid)
+            status, body, _ = http_get(ports["http"])
+            self.assertEqual((status, pid_in(body)), (200, new_pid))
+            self._wait_gone(current)
+            current = new_pid
+        server.signal(current, signal.SIGTERM)
+        self._wait_gone(current)
+        server.wait_all_exited()
+        self.assertFalse(os.path.exists(server.pidfile))
+
+
+class SlowRequestTests(unittest.TestCase):
+    def test_slow_request_finishes_on_old_pid(self):
+        """
+        A slow request started before SIGHUP completes in full from the old
+        PID while new requests are served by the new PID.
+        """
+        server = graceful(self)
+        old, ports = server.wait_listening()
+        server.wait_ready(1)
+        result = {}
+
+        def slow():
+            result["response"] = http_get(ports["http"], "/slow?seconds=3", timeout=30)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        server.wait_for(rf"pid {old}: slow request #1 started")
+        server.signal(old, signal.SIGHUP)
+        new = server.wait_handover(1)
+        status, body, _ = http_get(ports["http"])
+        self.assertEqual((status, pid_in(body)), (200, new))
+        # The old process is still there, finishing its request.
+        self.assertTrue(pid_alive(old))
+        thread.join(30)
+        status, body, headers = result["response"]
+        self.assertEqual(status, 200)
+        self.assertEqual(pid_in(body), old)
+        self.assertIn("slow request of 3.0 s", body)
+        self.assertEqual(headers.get("Connection", headers.get("connection")), "close")
+        server.wait_for(rf"pid {old}: slow request #1 3/3 s")
+        server.wait_exit_line(old)
+
+    def test_sigterm_waits_for_slow_request(self):
+        server = graceful(self)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        result = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("r", http_get(ports["http"], "/slow?seconds=2")))
+        thread.start()
+        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.signal(pid, signal.SIGTERM)
+        server.wait_for(rf"pid {pid} generation 1: shutting down")
+        thread.join(30)
+        self.assertEqual(result["r"][0], 200)
+        self.assertEqual(pid_in(result["r"][1]), pid)
+        server.wait_all_exited()
+        # twistd ends a process stopped by a signal with that signal (as
+        # systemd expects), after our drain has run.
+        self.assertEqual(server.proc.returncode, -signal.SIGTERM)
+        server.wait_for(rf"pid {pid} generation 1: drained 1 connection")
+
+
+class NothingRefusedTests(unittest.TestCase):
+    def test_500_requests_across_5_upgrades(self):
+        """
+        A client loop on fresh connections across 5 upgrades: every request
+        answered 200.
+        """
+        server = graceful(self)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        results = []
+        stop = threading.Event()
+
+        def client():
+            deadline = time.monotonic() + 120
+            while (not stop.is_set() or len(results) < 500) and time.monotonic() < deadline:
+                try:
+                    status, body, _ = http_get(ports["http"], timeout=10)
+                    results.append((status, pid_in(body)))
+                except Exception as e:  # a refused or reset request is a failure
+                    results.append((repr(e), None))
+                if len(results) >= 5000:
+                    break
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        current = pid
+        for generation in range(1, 6):
+            start = len(results)
+            while len(results) < start + 40:  # some requests inside each window
+                time.sleep(0.01)
+            server.signal(current, signal.SIGHUP)
+            current = server.wait_handover(generation)
+        stop.set()
+        thread.join(150)
+        self.assertGreaterEqual(len(results), 500)
+        failures = [r for r in results if r[0] != 200]
+        self.assertEqual(failures, [])
+        self.assertGreaterEqual(len({p for _, p in results}), 6)
+        server.signal(current, signal.SIGTERM)
+        server.wait_all_exited()
+
+
+class SighupStormTests(unittest.TestCase):
+    def test_storm_gives_one_generation(self):
+        server = graceful(self)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        for _ in range(10):
+            os.kill(pid, signal.SIGHUP)
+            time.sleep(0.01)
+        new = server.wait_handover(1)
+        server.wait_exit_line(pid)
+        status, body, _ = http_get(ports["http"])
+        self.assertEqual(pid_in(body), new)
+        self.assertEqual(server.count(r"starts generation 2"), 1)
+        self.assertEqual(server.count(r"starts generation 3"), 0)
+        self.assertEqual(server.count(r"Spawned generation"), 1)
+        self.assertGreaterEqual(server.count(r"SIGHUP ignored"), 1)
+        server.signal(new, signal.SIGTERM)
+        server.wait_all_exited()
+        self.assertEqual(server.pids, {pid, new})
+
+
+TAC = """
+from twisted.application import service
+from twisted.internet import defer, reactor
+from twisted_graceful import GracefulService, GracefulSite, self_test_request
+from twisted_graceful.hello import HelloResource, ServerIdentity
+
+{fault}
+
+application = service.Application("graceful-tac")
+graceful = GracefulService(reactor, pidfile={pidfile!r}, ready_timeout={ready_timeout},
+                           backoff_base=0.2)
+site = GracefulSite(HelloResource(reactor, ServerIdentity(graceful), slow_every=0),
+                    drain_tracker=graceful.tracker)
+graceful.add_listener("http", "tcp:0:interface=127.0.0.1", site)
+graceful.add_readiness_check(lambda: self_test_request(reactor, site))
+{readiness}
+graceful.setServiceParent(application)
+"""
+
+
+class FailedUpgradeTests(unittest.TestCase):
+    """
+    New code that fails changes nothing: the old generation keeps serving and
+    says why; with the fault fixed, the next SIGHUP succeeds. The application
+    is a .tac using the library, and each "deploy" rewrites it.
+    """
+
+    def deploy(self, fault="", readiness=""):
+        with open(self.tac, "w") as f:
+            f.write(TAC.format(fault=fault, readiness=readiness, pidfile=self.pidfile,
+                               ready_timeout=3))
+
+    def setUp(self):
+        self.cwd = os.path.abspath(self.mktemp())
+        os.makedirs(self.cwd)
+        self.tac = os.path.join(self.cwd, "app.tac")
+        self.pidfile = os.path.join(self.cwd, "twistd.pid")
+        self.deploy()
+        self.server = ServerProcess(self, ["--python", self.tac], cwd=self.cwd).start()
+        self.pid, self.ports = self.server.wait_listening()
+        self.server.wait_ready(1)
+
+    def assertStillServing(self):
+        status, body, _ = http_get(self.ports["http"])
+        self.assertEqual((status, pid_in(body)), (200, self.pid))
+        self.assertEqual(self.server.read_pidfile(), self.pid)
+
+    def fixed_upgrade_succeeds(self):
+        self.deploy()
+        self.server.signal(self.pid, signal.SIGHUP)
+        new = self.server.wait_handover(1)
+        self.assertEqual(self.server.wait_pidfile(new), new)
+        status, body, _ = http_get(self.ports["http"])
+        self.assertEqual((status, pid_in(body)), (200, new))
+        self.server.signal(new, signal.SIGTERM)
+        self.server.wait_all_exited()
+
+    def test_child_fails_at_startup(self):
+        self.deploy(fault='raise RuntimeError("broken deploy: DATABASE_URL is not set")')
+        self.server.signal(self.pid, signal.SIGHUP)
+        _, m = self.server.wait_for(r"Upgrade failed: pid (\d+) exited with status 1 before it was ready")
+        self.server.wait_for(r"broken deploy: DATABASE_URL is not set")
+        self.assertStillServing()
+        self.fixed_upgrade_succeeds()
+
+    def test_child_never_ready(self):
+        self.deploy(readiness="graceful.add_readiness_check(lambda: defer.Deferred())")
+        self.server.signal(self.pid, signal.SIGHUP)
+        _, m = self.server.wait_for(r"Upgrade failed: pid (\d+) was not ready within 3(\.0)? s; killed it")
+        child = int(m.group(1))
+        deadline = time.monotonic() + 10
+        while pid_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertFalse(pid_alive(child))
+        self.assertStillServing()
+        self.fixed_upgrade_succeeds()
+
+
+class BadInputTests(unittest.TestCase):
+    def run_twistd(self, *args, env=None, pass_fds=()):
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        environment = dict(os.environ)
+        environment.update(env or {})
+        return subprocess.run(
+            [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, "t.pid"),
+             "graceful"] + list(args),
+            cwd=cwd, env=environment, capture_output=True, text=True, timeout=60,
+            pass_fds=pass_fds,
+        )
+
+    def assertClearError(self, result, *fragments):
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        for fragment in fragments:
+            self.assertIn(fragment, output)
+
+    def test_port_in_use(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            result = self.run_twistd("--port", f"tcp:{port}:interface=127.0.0.1")
+        self.assertClearError(result, f"--port tcp:{port}:interface=127.0.0.1",
+                              "address already in use")
+
+    def test_bad_port(self):
+        self.assertClearError(self.run_twistd("--port", "tcp:eighty"), "port must be a number")
+        self.assertClearError(self.run_twistd("--port", "udp:53"), "unsupported listener type")
+        self.assertClearError(self.run_twistd("--port", "70000"), "from 0 to 65535")
+
+    def test_garbage_listener_variable(self):
+        for value, message in [
+            ("garbage", "is not of the form name=fd"),
+            ("http=abc", "'abc' is not a file descriptor number"),
+            ("http=1", "stdin/stdout/stderr"),
+            ("http=77", "fd 77 is not open"),
+            ("txn=5", "has no listener named 'http'"),
+        ]:
+            result = self.run_twistd("--port", LOOPBACK, env={"GRACEFUL_LISTENERS": value})
+            self.assertClearError(result, "GRACEFUL_LISTENERS", message)
+
+    def test_inherited_fd_not_listening(self):
+        a, b = socket.socketpair()
+        with open(os.devnull) as devnull, a, b:
+            fd = devnull.fileno()
+            result = self.run_twistd("--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={fd}"},
+                                     pass_fds=(fd,))
+            self.assertClearError(result, "GRACEFUL_LISTENERS", f"fd {fd} is not a socket")
+            result = self.run_twistd(
+                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={a.fileno()}"},
+                pass_fds=(a.fileno(),))
+            self.assertClearError(result, "GRACEFUL_LISTENERS", "not listening")
+
+    def test_garbage_ready_fd(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            fd = sock.fileno()
+            result = self.run_twistd("--port", LOOPBACK, pass_fds=(fd,), env={
+                "GRACEFUL_LISTENERS": f"http={fd}", "GRACEFUL_READY_FD": "x"})
+            self.assertClearError(result, "GRACEFUL_READY_FD", "not a file descriptor number")
+            with open(os.devnull, "w") as devnull:
+                result = self.run_twistd("--port", LOOPBACK, pass_fds=(fd, devnull.fileno()), env={
+                    "GRACEFUL_LISTENERS": f"http={fd}",
+                    "GRACEFUL_READY_FD": str(devnull.fileno())})
+            self.assertClearError(result, "GRACEFUL_READY_FD", "not a pipe")
+            result = self.run_twistd("--port", LOOPBACK, pass_fds=(fd,), env={
+                "GRACEFUL_LISTENERS": f"http={fd}", "GRACEFUL_GENERATION": "-1"})
+            self.assertClearError(result, "GRACEFUL_GENERATION")
