@@ -17,6 +17,7 @@ import time
 
 TWISTD = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = re.compile(r"pid (\d+) generation (\d+): (?:listening on|inherited) (.*)$")
 DEFAULT_TIMEOUT = 30.0
 
@@ -45,6 +46,10 @@ class ServerProcess:
         self.command = command
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # The processes run this working tree's code (the installed plugin
+        # file only names the module).
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [REPO] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.lines = []
         self._cond = threading.Condition()
         self._eof = False

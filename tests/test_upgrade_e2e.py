@@ -14,7 +14,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import TWISTD, ServerProcess, free_port, http_get, pid_alive, pid_in
+from tests.e2e import REPO, TWISTD, ServerProcess, free_port, http_get, pid_alive, pid_in
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -283,6 +283,7 @@ class BadInputTests(unittest.TestCase):
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         environment = dict(os.environ)
+        environment["PYTHONPATH"] = REPO
         environment.update(env or {})
         return subprocess.run(
             [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, "t.pid"),
