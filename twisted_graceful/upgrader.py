@@ -9,6 +9,7 @@ otherwise; a failed upgrade changes nothing but the backoff.
     serving/upgrading --SIGTERM--> shutting-down (draining)
 """
 
+import os
 import time
 
 from twisted.logger import Logger
@@ -82,16 +83,17 @@ class Upgrader:
         """
         if self.state == UPGRADING:
             self.log.warn(
-                "{reason} ignored: an upgrade to pid {child} is already in progress "
-                "(generation {gen} keeps serving until it is ready)",
-                reason=reason, child=self.child.pid if self.child else "?", gen=self.generation,
+                "pid {pid} generation {gen}: {reason} ignored: an upgrade to pid {child} is already "
+                "in progress (this generation keeps serving until it is ready)",
+                pid=os.getpid(), reason=reason, child=self.child.pid if self.child else "?",
+                gen=self.generation,
             )
             return "refused"
         if self.state in (HANDED_OVER, SHUTTING_DOWN):
             self.log.warn(
-                "{reason} ignored: generation {gen} is {state} and draining; signal the "
-                "process named in the pidfile instead",
-                reason=reason, gen=self.generation, state=self.state,
+                "pid {pid} generation {gen}: {reason} ignored: this generation is {state} and "
+                "draining; signal the process named in the pidfile instead",
+                pid=os.getpid(), reason=reason, gen=self.generation, state=self.state,
             )
             return "refused"
         now = self._reactor.seconds()
@@ -100,15 +102,15 @@ class Upgrader:
             if self._scheduled is None or not self._scheduled.active():
                 self._scheduled = self._reactor.callLater(wait, self._run_scheduled, reason)
                 self.log.warn(
-                    "{reason}: backing off after {n} failed upgrade(s); the next attempt "
-                    "will run in {wait:.1f} s",
-                    reason=reason, n=self.failures, wait=wait,
+                    "pid {pid} generation {gen}: {reason}: backing off after {n} failed "
+                    "upgrade(s); the next attempt will run in {wait:.1f} s",
+                    pid=os.getpid(), gen=self.generation, reason=reason, n=self.failures, wait=wait,
                 )
             else:
                 self.log.warn(
-                    "{reason} ignored: an attempt is already scheduled in {wait:.1f} s "
-                    "(backing off after {n} failed upgrade(s))",
-                    reason=reason, wait=wait, n=self.failures,
+                    "pid {pid} generation {gen}: {reason} ignored: an attempt is already "
+                    "scheduled in {wait:.1f} s (backing off after {n} failed upgrade(s))",
+                    pid=os.getpid(), gen=self.generation, reason=reason, wait=wait, n=self.failures,
                 )
             return "scheduled"
         self._start(reason)
@@ -123,8 +125,8 @@ class Upgrader:
         self.state = UPGRADING
         self.upgrade_started = self._reactor.seconds()
         self.log.info(
-            "{reason}: generation {gen} starts generation {next}",
-            reason=reason, gen=self.generation, next=self.generation + 1,
+            "pid {pid} generation {gen}: {reason}: starting generation {next}",
+            pid=os.getpid(), reason=reason, gen=self.generation, next=self.generation + 1,
         )
         try:
             self.child = self._start_child(self._child_ready, self._child_failed)
@@ -133,8 +135,10 @@ class Upgrader:
             self._failed("failed", None, f"could not be spawned: {e}", [])
             return
         self.log.info(
-            "Spawned generation {next} as pid {pid}; waiting up to {t} s for it to be ready",
-            next=self.generation + 1, pid=self.child.pid, t=self.ready_timeout,
+            "pid {me} generation {gen}: spawned generation {next} as pid {pid}; waiting up to "
+            "{t} s for it to be ready",
+            me=os.getpid(), gen=self.generation, next=self.generation + 1, pid=self.child.pid,
+            t=self.ready_timeout,
         )
         self._timeout_call = self._reactor.callLater(self.ready_timeout, self._child_timed_out)
         self._tell("started", pid=self.child.pid)
@@ -148,8 +152,9 @@ class Upgrader:
         self._cancel_timeout()
         elapsed = self._elapsed()
         self.log.info(
-            "Generation {next} (pid {pid}) is ready after {ms:.0f} ms; handing over",
-            next=self.generation + 1, pid=pid, ms=elapsed * 1000,
+            "pid {me} generation {gen}: generation {next} (pid {pid}) is ready after {ms:.0f} ms; "
+            "handing over",
+            me=os.getpid(), gen=self.generation, next=self.generation + 1, pid=pid, ms=elapsed * 1000,
         )
         self.state = HANDED_OVER
         self.failures = 0
@@ -188,9 +193,9 @@ class Upgrader:
         )
         tail = "\n    ".join(output[-10:]) if output else "(no output)"
         self.log.warn(
-            "Upgrade failed: {error}. Generation {gen} (this process) keeps serving; "
-            "next upgrade allowed in {delay:.0f} s. Last output of the child:\n    {tail}",
-            error=error, gen=self.generation, delay=delay, tail=tail,
+            "pid {pid} generation {gen}: Upgrade failed: {error}. This generation keeps serving; "
+            "next upgrade allowed in {delay:.1f} s. Last output of the child:\n    {tail}",
+            pid=os.getpid(), error=error, gen=self.generation, delay=delay, tail=tail,
         )
         self.child = None
         self._tell("failed", outcome=self.last_outcome)
@@ -207,8 +212,9 @@ class Upgrader:
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         if self.state == UPGRADING and self.child is not None:
-            self.log.warn("Shutting down during an upgrade: killing unready pid {pid}",
-                          pid=self.child.pid)
+            self.log.warn(
+                "pid {me} generation {gen}: shutting down during an upgrade: killing unready "
+                "pid {pid}", me=os.getpid(), gen=self.generation, pid=self.child.pid)
             self._cancel_timeout()
             self.child.kill()
         if self.state != HANDED_OVER:
