@@ -34,12 +34,16 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         which its next request is still answered (with C{Connection: close}),
         so a request sent as we close does not meet a reset.
         """
-        self.persistent = False
-        for request in self.requests:
-            if not request.startedWriting:
-                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         if self.requests:
-            return  # requestDone closes the connection after the response
+            # requestDone closes the connection after this response.
+            self.persistent = False
+            for request in self.requests:
+                if not request.startedWriting:
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return
+        # Idle: leave `persistent` alone (HTTPChannel drops every byte of a
+        # non-persistent connection); checkPersistence answers False for the
+        # next request, which is then answered and closed.
         if idle_grace > 0:
             self._idle_close = self.callLater(idle_grace, self._close_if_idle)
         else:

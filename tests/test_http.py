@@ -1,0 +1,176 @@
+"""
+HTTP channels that drain at request boundaries, over L{StringTransport}.
+"""
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from twisted_graceful.drain import DrainTracker
+from twisted_graceful.hello import HelloResource
+from twisted_graceful.http import GracefulSite
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+GET_HELD = b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class Held(resource.Resource):
+    isLeaf = True
+
+    def __init__(self):
+        resource.Resource.__init__(self)
+        self.requests = []
+
+    def render_GET(self, request):
+        self.requests.append(request)
+        return server.NOT_DONE_YET
+
+
+class Identity:
+    pid = 4242
+    generation = 7
+    draining = False
+
+    def __str__(self):
+        return f"pid {self.pid} (generation {self.generation})"
+
+
+class DrainableChannelTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.tracker = DrainTracker(self.clock, idle_grace=1.0, progress_interval=0,
+                                    clock=self.clock.seconds)
+        self.identity = Identity()
+        root = HelloResource(self.clock, self.identity, slow_every=0, emit=lambda m: None)
+        self.held = Held()
+        root.putChild(b"held", self.held)
+        self.site = GracefulSite(root, drain_tracker=self.tracker, reactor=self.clock)
+
+    def connect(self):
+        proto = self.site.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def drain(self, **kw):
+        results = []
+        self.tracker.drain(**kw).addCallback(results.append)
+        return results
+
+    def test_connections_are_tracked_with_their_state(self):
+        proto, transport = self.connect()
+        self.assertEqual(self.tracker.counts(), {"http": (1, 0)})
+        proto.dataReceived(GET_HELD)
+        self.assertEqual(self.tracker.counts(), {"http": (1, 1)})
+        self.held.requests[0].finish()
+        self.assertEqual(self.tracker.counts(), {"http": (1, 0)})
+        proto.connectionLost(None)
+        self.assertEqual(self.tracker.counts(), {})
+
+    def test_keep_alive_without_drain(self):
+        proto, transport = self.connect()
+        proto.dataReceived(GET)
+        self.assertIn(b"hello world from pid 4242 (generation 7)", transport.value())
+        self.assertNotIn(b"Connection: close", transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def test_request_in_flight_finishes_with_connection_close(self):
+        proto, transport = self.connect()
+        proto.dataReceived(GET_HELD)
+        results = self.drain()
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(results, [])
+        request = self.held.requests[0]
+        request.write(b"the whole answer")
+        request.finish()
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertIn(b"the whole answer", transport.value())
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(results[0].closed_by_server, 1)
+
+    def test_pipelined_request_after_the_boundary_is_not_executed(self):
+        proto, transport = self.connect()
+        proto.dataReceived(GET_HELD + GET)
+        self.drain()
+        self.held.requests[0].finish()
+        self.assertNotIn(b"hello world", transport.value())
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 1)
+
+    def test_idle_connection_gets_a_grace_then_closes(self):
+        proto, transport = self.connect()
+        proto.dataReceived(GET)
+        transport.clear()
+        self.drain()
+        self.clock.advance(0.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_within_the_grace_is_answered_with_connection_close(self):
+        proto, transport = self.connect()
+        self.drain()
+        self.clock.advance(0.5)
+        proto.dataReceived(GET)
+        self.assertIn(b"hello world", transport.value())
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_hard_deadline_aborts_a_stuck_request(self):
+        proto, transport = self.connect()
+        proto.dataReceived(GET_HELD)
+        results = self.drain(timeout=10, abort_grace=5)
+        self.clock.advance(10)
+        self.clock.advance(5)
+        self.assertTrue(transport.disconnecting or getattr(transport, "aborting", False))
+        self.assertEqual(len(results[0].cut), 1)
+        self.assertIn("http connection", results[0].cut[0])
+
+    def test_healthz_says_draining(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        self.assertIn(b"serving pid 4242", transport.value())
+        self.identity.draining = True
+        proto2, transport2 = self.connect()
+        proto2.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"503", transport2.value())
+        self.assertIn(b"draining", transport2.value())
+
+
+class HelloTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.lines = []
+        self.root = HelloResource(self.clock, Identity(), slow_every=3, slow_seconds=2,
+                                  emit=self.lines.append)
+        self.site = GracefulSite(self.root, reactor=self.clock)
+
+    def get(self, path=b"/"):
+        proto = self.site.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        return transport
+
+    def test_every_nth_request_is_slow_with_heartbeats(self):
+        self.get(), self.get()
+        slow = self.get()
+        self.assertEqual(slow.value(), b"")
+        self.clock.advance(1)
+        self.assertIn("pid 4242: slow request #1 1/2 s", self.lines)
+        self.clock.advance(1)
+        self.assertIn(b"after a slow request of 2", slow.value())
+        self.assertIn("pid 4242: slow request #1 done", self.lines)
+
+    def test_slow_on_demand_and_bad_seconds(self):
+        t = self.get(b"/slow?seconds=0")
+        self.clock.advance(0)
+        self.assertIn(b"slow request of 0.0 s", t.value())
+        bad = self.get(b"/slow?seconds=forever")
+        self.assertIn(b"400", bad.value())
+        self.assertIn(b"seconds must be a number", bad.value())
+
+    def test_unknown_path_is_404(self):
+        self.assertIn(b"404", self.get(b"/nope").value())
