@@ -101,7 +101,8 @@ class HelloResource(resource.Resource):
 
     isLeaf = False
 
-    def __init__(self, reactor, identity, slow_every=10, slow_seconds=10.0, emit=heartbeat):
+    def __init__(self, reactor, identity, slow_every=10, slow_seconds=10.0, emit=heartbeat,
+                 store=None):
         resource.Resource.__init__(self)
         self.reactor = reactor
         self.identity = identity
@@ -112,6 +113,8 @@ class HelloResource(resource.Resource):
         self.slow_count = 0
         self.putChild(b"slow", SlowResource(self))
         self.putChild(b"healthz", HealthResource(identity))
+        if store is not None:
+            self.putChild(b"kv", KVResource(store))
 
     def getChild(self, path, request):
         if path == b"":
@@ -182,3 +185,50 @@ class HealthResource(resource.Resource):
         return f"serving {self.identity}\n".encode()
 
     render_HEAD = render_GET
+
+
+class KVResource(resource.Resource):
+    """
+    C{GET /kv/<key>}: the committed value of C{key} in the store the
+    transaction protocol writes (404 if there is none), so both protocols
+    share one state.
+    """
+
+    isLeaf = True
+
+    def __init__(self, store):
+        resource.Resource.__init__(self)
+        self.store = store
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        try:
+            key = b"/".join(request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            return b"the key is not valid UTF-8\n"
+        if not key:
+            request.setResponseCode(400)
+            return b"GET /kv/<key> needs a key\n"
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(value):
+            if gone:
+                return
+            if value is None:
+                request.setResponseCode(404)
+                request.write(f"no such key: {key}\n".encode())
+            else:
+                request.write(f"{value}\n".encode())
+            request.finish()
+
+        def failed(failure):
+            if gone:
+                return
+            request.setResponseCode(503)
+            request.write(f"store unavailable: {failure.getErrorMessage()}\n".encode())
+            request.finish()
+
+        self.store.get(key).addCallbacks(answer, failed)
+        return server.NOT_DONE_YET

@@ -136,7 +136,8 @@ class Store(service.Service):
         self._pid = pid
         self._generation = generation
         self.pool = None
-        self._in_flight = set()
+        self._in_flight = 0
+        self._idle_waiters = []
 
     # --- lifetime -------------------------------------------------------
     def startService(self):
@@ -161,9 +162,12 @@ class Store(service.Service):
         pool, self.pool = self.pool, None
         if pool is None:
             return None
-        d = defer.DeferredList(list(self._in_flight), consumeErrors=True)
-        d.addCallback(lambda _: pool.close())
-        return d
+        if not self._in_flight:
+            pool.close()
+            return None
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d.addCallback(lambda _: pool.close())
 
     def _configure(self, conn):
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -177,13 +181,16 @@ class Store(service.Service):
     def _run(self, interaction, *args):
         if self.pool is None:
             return defer.fail(StoreBusy(f"the store {self.path} is not open"))
+        self._in_flight += 1
         d = self.pool.runInteraction(interaction, *args)
-        self._in_flight.add(d)
 
         def done(result):
-            self._in_flight.discard(d)
+            self._in_flight -= 1
+            if not self._in_flight:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    self.reactor.callLater(0, waiter.callback, None)
             if isinstance(getattr(result, "value", None), sqlite3.Error):
-                result.trap(sqlite3.Error)
                 raise StoreBusy(f"{result.value}")
             return result
 

@@ -12,6 +12,8 @@ from twisted_graceful.hello import HelloResource, ServerIdentity
 from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.service import GracefulService, Inheritance
+from twisted_graceful.store import Store
+from twisted_graceful.txn import TxnFactory
 
 
 def _positive(name, cast=float, allow_zero=False):
@@ -51,6 +53,15 @@ class Options(usage.Options):
          _positive("slow-every", int, allow_zero=True)],
         ["slow-seconds", None, 10.0, "How long a slow request takes",
          _positive("slow-seconds", allow_zero=True)],
+        ["txn-port", None, "tcp:8025", "Transaction protocol listener (same forms as --port)"],
+        ["db", None, "graceful.sqlite3", "SQLite file of the key/value store (shared by every "
+         "generation)"],
+        ["max-line", None, 8192, "Longest transaction protocol line, in bytes",
+         _positive("max-line", int)],
+        ["max-commands", None, 1000, "Most commands in one transaction",
+         _positive("max-commands", int)],
+        ["idle-timeout", None, 300.0, "Seconds before an idle transaction protocol connection "
+         "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
     ]
     optFlags = [
         ["reuse-port", None, "Set SO_REUSEPORT on sockets this process binds (for comparison "
@@ -61,9 +72,12 @@ class Options(usage.Options):
         """
         listener name -> (option, description).
         """
-        return {"http": ("--port", self["port"])}
+        return {"http": ("--port", self["port"]), "txn": ("--txn-port", self["txn-port"])}
 
     def postOptions(self):
+        self["db"] = os.path.abspath(self["db"])
+        if not os.path.isdir(os.path.dirname(self["db"])):
+            raise usage.UsageError(f"--db {self['db']}: the directory does not exist")
         if self["drain"] not in DRAIN_MODES:
             raise usage.UsageError(
                 f"--drain must be one of {', '.join(DRAIN_MODES)}, not {self['drain']!r}"
@@ -102,9 +116,20 @@ def makeService(options):
         inheritance=options.inheritance,
     )
     identity = ServerIdentity(graceful)
-    root = HelloResource(reactor, identity, options["slow-every"], options["slow-seconds"])
+    # A child of the GracefulService: it stops only once every connection drained.
+    store = Store(options["db"], reactor, generation=lambda: graceful.generation)
+    store.setServiceParent(graceful)
+    root = HelloResource(reactor, identity, options["slow-every"], options["slow-seconds"],
+                         store=store)
     site = GracefulSite(root, drain_tracker=graceful.tracker)
     site.displayTracebacks = False
     graceful.add_listener("http", options["port"], site, option="--port")
     graceful.add_readiness_check(lambda: self_test_request(reactor, site))
+    txn = TxnFactory(
+        store, identity, reactor, drain_tracker=graceful.tracker,
+        max_line=options["max-line"], max_commands=options["max-commands"],
+        idle_timeout=options["idle-timeout"],
+    )
+    graceful.add_listener("txn", options["txn-port"], txn, option="--txn-port")
+    graceful.add_readiness_check(store.check)
     return graceful
