@@ -82,10 +82,10 @@ class SlowRequest:
     def _finish(self):
         self._stop()
         self.emit(f"pid {self.identity.pid}: slow request #{self.number} done")
+        body = f"hello world from {self.identity} after a slow request of {self.seconds} s\n"
         self.request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        self.request.write(
-            f"hello world from {self.identity} after a slow request of {self.seconds} s\n".encode()
-        )
+        self.request.setHeader(b"content-length", b"%d" % len(body.encode()))
+        self.request.write(body.encode())
         self.request.finish()
 
     def _client_gone(self, reason):
@@ -163,6 +163,9 @@ class SlowResource(resource.Resource):
                 f"not {raw.decode('utf-8', 'replace')!r}\n"
             ).encode()
         return self.hello.slow(request, seconds)
+
+    # A slow POST: a non-idempotent request that must be answered exactly once.
+    render_POST = render_GET
 
 
 class HealthResource(resource.Resource):

@@ -1,0 +1,180 @@
+"""
+End to end: draining HTTP across real upgrades, at transaction and at
+connection level.
+"""
+
+import http.client
+import signal
+import socket
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.e2e import ServerProcess, http_get, pid_alive, pid_in
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+def start(testcase, *extra):
+    server = ServerProcess(
+        testcase, ["graceful", "--port", LOOPBACK, "--slow-every", "0"] + list(extra)).start()
+    pid, ports = server.wait_listening()
+    server.wait_ready(1)
+    return server, pid, ports["http"]
+
+
+def read_response(sock_file):
+    """
+    Read one HTTP/1.1 response with a Content-Length from a socket file;
+    return (status, headers, body) or None at EOF.
+    """
+    status_line = sock_file.readline()
+    if not status_line:
+        return None
+    headers = {}
+    while True:
+        line = sock_file.readline().decode("latin-1").strip()
+        if not line:
+            break
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = sock_file.read(int(headers.get("content-length", 0)))
+    return int(status_line.split()[1]), headers, body.decode()
+
+
+class KeepAliveDrainTests(unittest.TestCase):
+    def test_keep_alive_clients_see_no_error_across_upgrades(self):
+        """
+        Keep-alive clients in a loop across 3 upgrades: no reset, no lost
+        response; each is told Connection: close by a draining process and
+        reconnects.
+        """
+        server, pid, port = start(self)
+        errors, answered, pids = [], [0], set()
+        stop = threading.Event()
+
+        def client():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            deadline = time.monotonic() + 90
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    conn.request("GET", "/")
+                    response = conn.getresponse()
+                    body = response.read().decode()
+                    if response.status != 200:
+                        errors.append(response.status)
+                    pids.add(pid_in(body))
+                    answered[0] += 1
+                except Exception as e:
+                    errors.append(repr(e))
+                    conn.close()
+            conn.close()
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        current = pid
+        for generation in (1, 2, 3):
+            before = answered[0]
+            while answered[0] < before + 50:
+                time.sleep(0.01)
+            server.signal(current, signal.SIGHUP)
+            previous, current = current, server.wait_handover(generation)
+            server.wait_exit_line(previous)
+        before = answered[0]
+        while answered[0] < before + 50:
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        self.assertGreaterEqual(len(pids), 4)
+        server.signal(current, signal.SIGTERM)
+        server.wait_all_exited()
+
+    def test_pipelined_requests_after_the_boundary_are_left_for_the_client_to_resend(self):
+        server, pid, port = start(self)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.addCleanup(sock.close)
+        f = sock.makefile("rb")
+        sock.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.signal(pid, signal.SIGHUP)
+        new = server.wait_handover(1)
+        status, headers, body = read_response(f)
+        self.assertEqual((status, pid_in(body)), (200, pid))
+        self.assertEqual(headers.get("connection"), "close")
+        # Then an orderly end of stream, not a reset, and nothing else.
+        self.assertEqual(f.read(), b"")
+        status, body, _ = http_get(port)
+        self.assertEqual(pid_in(body), new)
+
+    def test_healthz_flips_to_503_while_draining(self):
+        server, pid, port = start(self, "--idle-grace", "5")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        self.assertEqual((response.status, response.read()[:7]), (200, b"serving"))
+        server.signal(pid, signal.SIGHUP)
+        server.wait_handover(1)
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 503)
+        self.assertTrue(response.read().startswith(b"draining"))
+        self.assertEqual(response.getheader("Connection"), "close")
+
+    def test_post_in_flight_is_answered_once(self):
+        server, pid, port = start(self)
+        result = {}
+
+        def post():
+            result["r"] = http_get(port, "/slow?seconds=1", method="POST", body=b"x=1")
+
+        t = threading.Thread(target=post)
+        t.start()
+        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.signal(pid, signal.SIGHUP)
+        server.wait_handover(1)
+        t.join(30)
+        status, body, headers = result["r"]
+        self.assertEqual((status, pid_in(body)), (200, pid))
+        self.assertEqual(server.count(rf"pid {pid}: slow request #1 done"), 1)
+        server.wait_exit_line(pid)
+
+
+class ConnectionLevelDrainTests(unittest.TestCase):
+    def test_busy_connection_served_until_client_closes(self):
+        server, pid, port = start(self, "--drain", "connection")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        self.assertEqual(pid_in(response.read().decode()), pid)
+        server.signal(pid, signal.SIGHUP)
+        new = server.wait_handover(1)
+        for _ in range(5):
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            self.assertEqual(pid_in(response.read().decode()), pid)
+            self.assertIsNone(response.getheader("Connection"))
+        self.assertTrue(pid_alive(pid))
+        status, body, _ = http_get(port)
+        self.assertEqual(pid_in(body), new)
+        conn.close()
+        server.wait_for(rf"pid {pid} generation 1: drained 1 connection\(s\) .* 1 closed by the client")
+        server.wait_exit_line(pid)
+
+    def test_drain_timeout_closes_at_the_next_boundary(self):
+        server, pid, port = start(self, "--drain", "connection", "--drain-timeout", "1")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        server.signal(pid, signal.SIGHUP)
+        server.wait_handover(1)
+        server.wait_for(rf"Drain timeout \(1.0 s\) reached")
+        server.wait_for(rf"pid {pid} generation 1: drained 1 connection\(s\) .* 1 closed by the server")
+        server.wait_exit_line(pid)
