@@ -35,7 +35,7 @@ from twisted_graceful.listeners import (
     parse_listen_description,
 )
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
-from twisted_graceful.pidfile import protect_twistd_pidfile, remove_pidfile_if_own
+from twisted_graceful.pidfile import protect_twistd_pidfile, remove_pidfile_if_own, write_pidfile
 from twisted_graceful.upgrader import HANDED_OVER, SHUTTING_DOWN, UPGRADING, Upgrader
 
 
@@ -149,9 +149,11 @@ class GracefulService(service.MultiService):
         self.listeners = OrderedDict()
         self.readiness_checks = []
         self.tracker = DrainTracker(reactor, idle_grace=idle_grace)
+        self.observers = []
         self.upgrader = Upgrader(
             reactor, self._start_child, self._hand_over, ready_timeout=ready_timeout,
             backoff_base=backoff_base, backoff_max=backoff_max,
+            observers=[self._upgrader_event],
         )
         self.ready = False
         self.started_at = None
@@ -183,6 +185,36 @@ class GracefulService(service.MultiService):
         spec = parse_listen_description(description, option)
         self.listeners[name] = _Listener(name, spec, factory, option)
         return spec
+
+    def add_observer(self, observer):
+        """
+        C{observer(event, **details)} hears what this generation goes through:
+
+          - C{serving} (C{generation}, C{inherited}): ready, accepting;
+          - C{upgrade-started} (C{child_pid}): the next generation was spawned;
+          - C{upgrade-failed} (C{outcome}): it failed; this one keeps serving;
+          - C{upgrade-ok} (C{outcome}): it is ready;
+          - C{handed-over} (C{child_pid}): we stopped accepting and the
+            pidfile names the child; draining follows;
+          - C{shutting-down}: a real shutdown (SIGTERM/SIGINT), draining follows;
+          - C{drained} (C{report}): no connection left; the process exits.
+        """
+        self.observers.append(observer)
+
+    def _tell(self, event, **details):
+        for observer in list(self.observers):
+            try:
+                observer(event, **details)
+            except Exception:
+                self.log.failure("observer of {event!r} failed", event=event)
+
+    def _upgrader_event(self, event, **details):
+        if event == "started":
+            self._tell("upgrade-started", child_pid=details["pid"])
+        elif event == "failed":
+            self._tell("upgrade-failed", outcome=details["outcome"])
+        elif event == "ready":
+            self._tell("upgrade-ok", outcome=details["outcome"])
 
     def add_readiness_check(self, check):
         """
@@ -299,6 +331,7 @@ class GracefulService(service.MultiService):
         else:
             self.log.info("pid {pid} generation {gen}: serving", pid=os.getpid(),
                           gen=self.generation)
+        self._tell("serving", generation=self.generation, inherited=inh.source == "inherited")
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             d.callback(self)
@@ -334,8 +367,6 @@ class GracefulService(service.MultiService):
     def _hand_over(self, child_pid):
         self.stop_accepting()
         if self.pidfile:
-            from twisted_graceful.pidfile import write_pidfile
-
             write_pidfile(self.pidfile, child_pid)
         self.log.info(
             "pid {pid} generation {gen}: stopped accepting; pid {child} (generation {next}) "
@@ -344,6 +375,7 @@ class GracefulService(service.MultiService):
             pidfile=f" and {self.pidfile} names it" if self.pidfile else "",
         )
         self.handed_over_to = child_pid
+        self._tell("handed-over", child_pid=child_pid)
         if self.reactor.running:
             self.reactor.stop()
 
@@ -368,12 +400,14 @@ class GracefulService(service.MultiService):
                 pid=os.getpid(), gen=self.generation,
             )
             self.stop_accepting()
+            self._tell("shutting-down")
         if self.install_signal_handlers and self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         d = self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace)
 
         def drained(report):
             self.drain_report = report
+            self._tell("drained", report=report)
             self.log.info(
                 "pid {pid} generation {gen}: {summary}; exiting",
                 pid=os.getpid(), gen=self.generation, summary=report.summary(),
