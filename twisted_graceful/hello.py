@@ -235,3 +235,49 @@ class KVResource(resource.Resource):
 
         self.store.get(key).addCallbacks(answer, failed)
         return server.NOT_DONE_YET
+
+    def render_POST(self, request):
+        """
+        C{POST /kv/<key>} with a form body C{incr=N} or C{value=V}: one
+        committed transaction, answered with its txid once it is committed
+        (a non-idempotent request, for checking nothing is applied twice).
+        """
+        from twisted_graceful.store import TransactionFailed, parse_integer
+
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        try:
+            key = b"/".join(request.postpath).decode("utf-8")
+            args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            return b"the key and the form must be valid UTF-8\n"
+        if not key:
+            request.setResponseCode(400)
+            return b"POST /kv/<key> needs a key\n"
+        if "incr" in args and parse_integer(args["incr"]) is not None:
+            ops = [("incr", key, parse_integer(args["incr"]))]
+        elif "value" in args and "incr" not in args:
+            ops = [("set", key, args["value"])]
+        else:
+            request.setResponseCode(400)
+            return b"POST /kv/<key> needs a form body incr=<integer> or value=<text>\n"
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def committed(result):
+            if not gone:
+                request.write(f"committed txid={result.txid} {key}={result.values[key]}\n".encode())
+                request.finish()
+
+        def failed(failure):
+            if gone:
+                return
+            if failure.check(TransactionFailed):
+                request.setResponseCode(409)
+            else:
+                request.setResponseCode(503)
+            request.write(f"not committed: {failure.getErrorMessage()}\n".encode())
+            request.finish()
+
+        self.store.commit(ops).addCallbacks(committed, failed)
+        return server.NOT_DONE_YET
