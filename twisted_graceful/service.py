@@ -24,7 +24,7 @@ from twisted.internet import unix as unix_transport
 from twisted.internet import tcp
 from twisted.logger import Logger
 
-from twisted_graceful import handoff
+from twisted_graceful import handoff, systemd
 from twisted_graceful.child import ReadyPipe, take_over_stdio
 from twisted_graceful.command import next_generation_command, twistd_config_from_argv
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
@@ -91,9 +91,16 @@ class Inheritance:
             handoff.forget_handoff(environ)
             return result
         sockets = OrderedDict()
+        activated = systemd.is_socket_activated(environ)
         try:
+            if activated:
+                # systemd's sockets for the systemd:NAME listeners (the
+                # variables are removed once adopted); the others are bound.
+                sockets.update(systemd.adopt(specs, environ, options))
             for name, spec in specs.items():
                 if spec.kind == "systemd":
+                    if name in sockets:
+                        continue
                     raise ListenerError(
                         f"{options.get(name, '--port')} {spec.description}: this process was "
                         f"not started by systemd socket activation (LISTEN_FDS is not set)"
@@ -103,7 +110,8 @@ class Inheritance:
             for sock in sockets.values():
                 sock.close()
             raise
-        return cls(sockets)
+        return cls(OrderedDict((name, sockets[name]) for name in specs),
+                   source="systemd" if activated else "bound")
 
 
 class _Listener:
@@ -266,8 +274,11 @@ class GracefulService(service.MultiService):
             # until we know we can serve it too.
             listener.port.stopReading()
             sock.close()  # adoptStreamPort made its own copy (PITFALLS 2)
-            if listener.spec.family == unix_transport.socket.AF_UNIX:
-                # Never unlink a path the next generation serves (PITFALLS 1).
+            # Never shutdown() a shared socket (adopted TCP ports already skip it;
+            # UNIX ones do not), never unlink a path the next generation
+            # serves (PITFALLS 1).
+            listener.port._shouldShutdown = False
+            if sock.family == unix_transport.socket.AF_UNIX:
                 listener.port.connectionLost = functools.partial(
                     tcp.Port.connectionLost, listener.port
                 )

@@ -11,6 +11,7 @@ from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
 from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful.listeners import ListenerError, parse_listen_description
+from twisted_graceful.notify import install_sd_notify
 from twisted_graceful.service import GracefulService, Inheritance
 from twisted_graceful.store import Store
 from twisted_graceful.txn import TxnFactory
@@ -132,4 +133,5 @@ def makeService(options):
     )
     graceful.add_listener("txn", options["txn-port"], txn, option="--txn-port")
     graceful.add_readiness_check(store.check)
+    install_sd_notify(graceful)  # nothing unless $NOTIFY_SOCKET is set
     return graceful
