@@ -34,41 +34,80 @@ def split_twistd_argv(args, subcommand):
     """
     if subcommand:
         for i, arg in enumerate(args):
-            if arg == subcommand and (i == 0 or args[i - 1] not in _VALUE_OPTIONS_ALL):
+            if arg == subcommand and (i == 0 or not _takes_next(args[i - 1])):
                 return args[:i], args[i:]
     return list(args), []
 
 
 # twistd options that take a separate value (so a token after them is a value).
+# (--spew, --euid and --originalname are flags: the token after them is not theirs.)
 _VALUE_OPTIONS_ALL = {
     "--logfile", "-l", "--pidfile", "--rundir", "-d", "--python", "-y", "--file", "-f",
     "--source", "-s", "--uid", "-u", "--gid", "-g", "--umask", "--chroot", "--reactor",
-    "-r", "--logger", "--prefix", "--profiler", "--profile", "-p", "--spew", "--euid",
-    "--originalname",
+    "-r", "--logger", "--prefix", "--profiler", "--profile", "-p",
 }
+# Short options of twistd that take a value: in a cluster (-nl FILE, -unobody)
+# everything after one of them is its value, not more flags.
+_SHORT_VALUE_LETTERS = set("ldyfsugrp")
+
+
+def _short_cluster(arg):
+    """
+    Split a short-option cluster such as C{-no} or C{-nlFILE} into
+    (flag letters, value option letter or None, attached value).
+    Return None if C{arg} is not a short-option cluster.
+    """
+    if not arg.startswith("-") or arg.startswith("--") or len(arg) < 2:
+        return None
+    flags = []
+    for i, letter in enumerate(arg[1:], 1):
+        if letter in _SHORT_VALUE_LETTERS:
+            return flags, letter, arg[i + 1:]
+        flags.append(letter)
+    return flags, None, ""
+
+
+def _takes_next(arg):
+    """
+    Is the token after C{arg} the value of a twistd option (C{-u nobody})?
+    """
+    if arg in _VALUE_OPTIONS_ALL:
+        return True
+    cluster = _short_cluster(arg)
+    return cluster is not None and cluster[1] is not None and not cluster[2]
 
 
 def _strip_own_options(options):
-    out, skip = [], False
+    out, value_of = [], None  # value_of: "keep"/"drop" the next token
     for arg in options:
-        if skip:
-            skip = False
+        if value_of is not None:
+            if value_of == "keep":
+                out.append(arg)  # the value of a kept option (-u nobody)
+            value_of = None
             continue
         if arg in _OWN_FLAGS:
             continue
         if arg in _OWN_VALUE_OPTIONS:
-            skip = True
+            value_of = "drop"
             continue
         if any(arg.startswith(o + "=") for o in _OWN_VALUE_OPTIONS if o.startswith("--")):
             continue
-        if arg.startswith("-l") and len(arg) > 2 and not arg.startswith("--"):
-            continue  # -lfile
-        if arg.startswith("-d") and len(arg) > 2 and not arg.startswith("--"):
-            continue
-        if arg.startswith("-") and not arg.startswith("--") and "n" in arg[1:] and arg[1:].isalpha():
-            arg = "-" + arg[1:].replace("n", "")  # -no -> -o
+        cluster = _short_cluster(arg)
+        if cluster is not None:
+            flags, letter, value = cluster
+            flags = [f for f in flags if f != "n"]
+            if letter in ("l", "d"):
+                # Our --logfile/--rundir replace it: drop it and its value.
+                if not value:
+                    value_of = "drop"
+                letter, value = None, ""
+            elif letter is not None and not value:
+                value_of = "keep"
+            arg = "-" + "".join(flags) + (letter or "") + value
             if arg == "-":
                 continue
+        elif arg in _VALUE_OPTIONS_ALL:
+            value_of = "keep"
         out.append(arg)
     return out
 
@@ -99,7 +138,10 @@ def next_generation_command(twistd_config, argv=None, cwd=None, executable=None)
         # A daemon logs to twistd.log in its run directory by default; the next
         # generation runs in the foreground, so tell it where the log is.
         extra.append("--logfile=" + os.path.join(cwd, "twistd.log"))
-    extra.append("--rundir=" + cwd)
+    # twistd changes to its run directory after reading the command line: the
+    # next generation starts in cwd and must end up where this one runs.
+    rundir = twistd_config.get("rundir") or "."
+    extra.append("--rundir=" + os.path.normpath(os.path.join(cwd, rundir)))
     return executable, [executable, program] + options + extra + rest
 
 
@@ -109,16 +151,38 @@ def twistd_config_from_argv(argv):
     line without a subcommand (C{twistd -y app.tac}). Plugins should pass
     their options' C{parent} (twistd's own parsed options) instead.
     """
-    config = {"nodaemon": False, "logfile": None, "subCommand": None}
+    config = {"nodaemon": False, "logfile": None, "rundir": ".", "subCommand": None}
+    keys = {"--logfile": "logfile", "-l": "logfile", "--rundir": "rundir", "-d": "rundir"}
     args = list(argv[1:])
-    for i, arg in enumerate(args):
-        if arg in ("-n", "--nodaemon") or (
-            arg.startswith("-") and not arg.startswith("--") and arg[1:].isalpha() and "n" in arg[1:]
-            and (i == 0 or args[i - 1] not in _VALUE_OPTIONS_ALL)
-        ):
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        following = args[i + 1] if i + 1 < len(args) else None
+        i += 1
+        if arg == "--":
+            break
+        if arg == "--nodaemon":
             config["nodaemon"] = True
-        elif arg in ("--logfile", "-l") and i + 1 < len(args):
-            config["logfile"] = args[i + 1]
-        elif arg.startswith("--logfile="):
-            config["logfile"] = arg.split("=", 1)[1]
+        elif arg in keys:
+            if following is not None:
+                config[keys[arg]] = following
+                i += 1
+        elif "=" in arg and arg.split("=", 1)[0] in ("--logfile", "--rundir"):
+            name, _, value = arg.partition("=")
+            config[keys[name]] = value
+        elif arg in _VALUE_OPTIONS_ALL:
+            i += 1  # another option's value
+        else:
+            cluster = _short_cluster(arg)
+            if cluster is None:
+                continue
+            flags, letter, value = cluster
+            if "n" in flags:
+                config["nodaemon"] = True
+            if letter is not None:
+                if not value:
+                    value = following
+                    i += 1
+                if letter in ("l", "d") and value is not None:
+                    config[keys["-" + letter]] = value
     return config

@@ -50,13 +50,17 @@ def is_handoff(environ):
     return LISTENERS_ENV in environ or READY_FD_ENV in environ
 
 
-def _fd_number(variable, text):
+def _fd_number(variable, text, value=None):
+    # value: the variable's whole value, when text is only part of it
+    value = text if value is None else value
     try:
         fd = int(text)
     except (TypeError, ValueError):
-        raise HandoffError(f"{variable}={text!r}: {text!r} is not a file descriptor number")
+        raise HandoffError(f"{variable}={value!r}: {text!r} is not a file descriptor number")
+    if fd < 0:
+        raise HandoffError(f"{variable}={value!r}: {text!r} is not a file descriptor number")
     if fd < 3:
-        raise HandoffError(f"{variable}={text!r}: fd {fd} is stdin/stdout/stderr, not a handoff fd")
+        raise HandoffError(f"{variable}={value!r}: fd {fd} is stdin/stdout/stderr, not a handoff fd")
     return fd
 
 
@@ -76,7 +80,7 @@ def parse_listener_map(text):
             )
         if name in result:
             raise HandoffError(f"{LISTENERS_ENV}={text!r}: listener {name!r} is named twice")
-        fd = _fd_number(LISTENERS_ENV, fd_text)
+        fd = _fd_number(LISTENERS_ENV, fd_text, text)
         if fd in result.values():
             raise HandoffError(f"{LISTENERS_ENV}={text!r}: fd {fd} is given to two listeners")
         result[name] = fd
@@ -167,7 +171,7 @@ def inherit_stdio_fds(environ):
     parts = text.split(",")
     if len(parts) != 2:
         raise HandoffError(f"{STDIO_FDS_ENV}={text!r}: expected two fds: stdout,stderr")
-    fds = tuple(_fd_number(STDIO_FDS_ENV, p) for p in parts)
+    fds = tuple(_fd_number(STDIO_FDS_ENV, p, text) for p in parts)
     for fd in fds:
         try:
             os.fstat(fd)

@@ -89,6 +89,13 @@ def parse_listen_description(description, option="--port"):
             f"use a port number, tcp:PORT, tcp6:PORT, unix:PATH or systemd:NAME"
         )
     positional = [p for p in parts[1:] if "=" not in p]
+    if len(positional) > 1:
+        # Twisted's endpoints read a second positional as the interface
+        # (tcp:8080:127.0.0.1); ignoring it would listen on every interface.
+        raise ListenerError(
+            f"{option} {description!r}: unexpected parameter(s) "
+            f"{', '.join(repr(p) for p in positional[1:])}; use keyword=value"
+        )
     keywords = {}
     for p in parts[1:]:
         if "=" in p:
@@ -116,10 +123,11 @@ def parse_listen_description(description, option="--port"):
         if not host:
             host = "::" if kind == "tcp6" else "0.0.0.0"
         _reject_unknown(option, description, keywords)
-        if kind == "tcp6" and ":" not in host:
-            # A tcp6 listener on an IPv4-looking or named interface is a mistake.
+        if kind == "tcp6":
+            # A tcp6 listener on an IPv4-looking or named interface is a mistake
+            # (a scope suffix, fe80::1%eth0, is left to bind()).
             try:
-                socket.inet_pton(socket.AF_INET6, host)
+                socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
             except OSError:
                 raise ListenerError(f"{option} {description!r}: {host!r} is not an IPv6 address")
         if kind == "tcp":

@@ -12,9 +12,10 @@ import os
 def read_pid(path):
     try:
         with open(path) as f:
-            return int(f.read().strip() or 0)
+            pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
+    return pid if pid > 0 else None
 
 
 def write_pidfile(path, pid):
