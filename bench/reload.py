@@ -555,22 +555,27 @@ class Run:
 
 # --- baselines -------------------------------------------------------------
 
-HELLO_RPY = """
-import os
-from twisted.internet import reactor
-from twisted_graceful.hello import HelloResource
-
-class Identity:
+class _BareIdentity:
     generation = 1
     draining = False
+
     @property
     def pid(self):
         return os.getpid()
-    def __str__(self):
-        return f"pid {{self.pid}} (generation 1)"
 
-resource = HelloResource(reactor, Identity(), slow_every=0)
-"""
+    def __str__(self):
+        return f"pid {self.pid} (generation 1)"
+
+
+def BareHello():
+    """
+    The same hello-world resource for a bare `twistd web --class`.
+    """
+    from twisted.internet import reactor
+
+    from twisted_graceful.hello import HelloResource
+
+    return HelloResource(reactor, _BareIdentity(), slow_every=0)
 
 
 async def measure_throughput(port, seconds, connections):
@@ -602,13 +607,10 @@ async def baselines(opts, run, workdir):
     its first request.
     """
     cwd = tempfile.mkdtemp(dir=workdir, prefix="baseline-")
-    rpy = os.path.join(cwd, "hello.rpy")
-    with open(rpy, "w") as f:
-        f.write(HELLO_RPY.format())
     out = {}
     port = free_port()
     bare = await Server(["web", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                         "--resource-script", rpy], cwd, name="bare").start()
+                         "--class", "bench.reload.BareHello"], cwd, name="bare").start()
     try:
         await wait_port(port)
         out["bare_rps"], out["load_tool"] = await measure_throughput(
@@ -873,7 +875,10 @@ def main(argv=None):
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
-    return 0 if all(ok for ok, _ in report["targets"].values()) else 1
+    # Correctness decides the exit status; the performance targets are
+    # reported (a noisy shared machine can miss them without a regression).
+    ok, _ = report["targets"].get("no failures", (False, ""))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

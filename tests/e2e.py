@@ -42,7 +42,7 @@ class ServerProcess:
         command += ["--pidfile", self.pidfile]
         if daemon:
             command += ["--logfile", self.logfile]
-        command += list(twistd_args) + list(args)
+        command += list(twistd_args) + with_ephemeral_listeners(list(args))
         self.command = command
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -200,6 +200,10 @@ class ServerProcess:
                         raise AssertionError("processes still running; output:\n" + self.output())
                     self._cond.wait(remaining)
             self.proc.wait(timeout)
+        # A process has closed its stdout a moment before it is gone.
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(p) for p in self.pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
         alive = [p for p in self.pids if pid_alive(p)]
         if alive:
             raise AssertionError(f"left behind: {alive}\n" + self.output())
@@ -240,6 +244,36 @@ class ServerProcess:
             if self.proc.stdout:
                 self.proc.stdout.close()
         self._stop_follow = True
+
+
+_graceful_options = None
+
+
+def graceful_options():
+    """
+    The options `twistd graceful` accepts (read once from its --help).
+    """
+    global _graceful_options
+    if _graceful_options is None:
+        out = subprocess.run(
+            [sys.executable, TWISTD, "graceful", "--help"], capture_output=True, text=True,
+            env=dict(os.environ, PYTHONPATH=REPO), timeout=60,
+        ).stdout
+        _graceful_options = set(re.findall(r"--([a-z][a-z-]+)=", out))
+    return _graceful_options
+
+
+def with_ephemeral_listeners(args):
+    """
+    Give every listener of `graceful` that the test did not name an
+    ephemeral loopback port, so tests never depend on 8025 or 9090 being free.
+    """
+    if not args or args[0] != "graceful":
+        return args
+    for option in ("txn-port", "metrics-port"):
+        if option in graceful_options() and f"--{option}" not in args:
+            args += [f"--{option}", "tcp:0:interface=127.0.0.1"]
+    return args
 
 
 def pid_alive(pid):

@@ -4,17 +4,18 @@ signals, real sockets, real PIDs and pidfiles.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
+import tempfile
 import threading
 import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, ServerProcess, free_port, http_get, pid_alive, pid_in
+from tests.e2e import REPO, TWISTD, with_ephemeral_listeners, ServerProcess, free_port, http_get, pid_alive, pid_in
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -82,6 +83,72 @@ class ChainedUpgradeTests(unittest.TestCase):
         self._wait_gone(current)
         server.wait_all_exited()
         self.assertFalse(os.path.exists(server.pidfile))
+
+
+class OtherListenerTests(unittest.TestCase):
+    def test_unix_socket_survives_upgrades(self):
+        """
+        A UNIX socket path is never unlinked by a generation that hands over.
+        """
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        short = tempfile.mkdtemp(prefix="graceful-")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, short, True)
+        path = os.path.join(short, "http.sock")
+        server = ServerProcess(self, ["graceful", "--port", "unix:" + path, "--slow-every", "0",
+                                      "--txn-port", LOOPBACK, "--db", os.path.join(cwd, "db")],
+                               cwd=cwd).start()
+        pid, ports = server.wait_listening()
+        self.assertEqual(ports["http"], path)
+        server.wait_ready(1)
+        current = pid
+        for generation in (1, 2):
+            server.signal(current, signal.SIGHUP)
+            previous, current = current, server.wait_handover(generation)
+            server.wait_exit_line(previous)
+            self._wait_gone(previous)
+            self.assertTrue(os.path.exists(path))
+            self.assertEqual(pid_in(unix_get(path)), current)
+
+    def test_tcp6_loopback(self):
+        if not socket.has_ipv6 or not _ipv6_loopback():
+            raise unittest.SkipTest("no IPv6 loopback here")
+        server = ServerProcess(self, ["graceful", "--port", "tcp6:0:interface=\\:\\:1",
+                                      "--slow-every", "0"]).start()
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        server.signal(pid, signal.SIGHUP)
+        new = server.wait_handover(1)
+        status, body, _ = http_get(ports["http"], host="::1")
+        self.assertEqual((status, pid_in(body)), (200, new))
+
+    def _wait_gone(self, pid, timeout=20):
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            self.assertLess(time.monotonic(), deadline, f"pid {pid} did not exit")
+            time.sleep(0.02)
+
+
+def _ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def unix_get(path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data.decode()
+            data += chunk
 
 
 class SlowRequestTests(unittest.TestCase):
@@ -286,8 +353,8 @@ class BadInputTests(unittest.TestCase):
         environment["PYTHONPATH"] = REPO
         environment.update(env or {})
         return subprocess.run(
-            [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, "t.pid"),
-             "graceful"] + list(args),
+            [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, "t.pid")]
+            + with_ephemeral_listeners(["graceful"] + list(args)),
             cwd=cwd, env=environment, capture_output=True, text=True, timeout=60,
             pass_fds=pass_fds,
         )
@@ -318,8 +385,9 @@ class BadInputTests(unittest.TestCase):
             ("garbage", "is not of the form name=fd"),
             ("http=abc", "'abc' is not a file descriptor number"),
             ("http=1", "stdin/stdout/stderr"),
-            ("http=77", "fd 77 is not open"),
+            ("http=77,txn=78", "fd 77 is not open"),
             ("txn=5", "has no listener named 'http'"),
+            ("http=77,txn=78,ftp=79", "passes 'ftp', which this generation has no option for"),
         ]:
             result = self.run_twistd("--port", LOOPBACK, env={"GRACEFUL_LISTENERS": value})
             self.assertClearError(result, "GRACEFUL_LISTENERS", message)
@@ -328,27 +396,33 @@ class BadInputTests(unittest.TestCase):
         a, b = socket.socketpair()
         with open(os.devnull) as devnull, a, b:
             fd = devnull.fileno()
-            result = self.run_twistd("--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={fd}"},
-                                     pass_fds=(fd,))
+            result = self.run_twistd(
+                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={fd},txn=99"},
+                pass_fds=(fd,))
             self.assertClearError(result, "GRACEFUL_LISTENERS", f"fd {fd} is not a socket")
             result = self.run_twistd(
-                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={a.fileno()}"},
+                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={a.fileno()},txn=99"},
                 pass_fds=(a.fileno(),))
             self.assertClearError(result, "GRACEFUL_LISTENERS", "not listening")
 
     def test_garbage_ready_fd(self):
-        with socket.socket() as sock:
+        listeners = [socket.socket(), socket.socket()]
+        for sock in listeners:
+            self.addCleanup(sock.close)
             sock.bind(("127.0.0.1", 0))
             sock.listen()
-            fd = sock.fileno()
-            result = self.run_twistd("--port", LOOPBACK, pass_fds=(fd,), env={
-                "GRACEFUL_LISTENERS": f"http={fd}", "GRACEFUL_READY_FD": "x"})
-            self.assertClearError(result, "GRACEFUL_READY_FD", "not a file descriptor number")
+        http, txn = (sock.fileno() for sock in listeners)
+        inherited = {"GRACEFUL_LISTENERS": f"http={http},txn={txn}"}
+
+        def run(**env):
             with open(os.devnull, "w") as devnull:
-                result = self.run_twistd("--port", LOOPBACK, pass_fds=(fd, devnull.fileno()), env={
-                    "GRACEFUL_LISTENERS": f"http={fd}",
-                    "GRACEFUL_READY_FD": str(devnull.fileno())})
-            self.assertClearError(result, "GRACEFUL_READY_FD", "not a pipe")
-            result = self.run_twistd("--port", LOOPBACK, pass_fds=(fd,), env={
-                "GRACEFUL_LISTENERS": f"http={fd}", "GRACEFUL_GENERATION": "-1"})
-            self.assertClearError(result, "GRACEFUL_GENERATION")
+                return self.run_twistd("--port", LOOPBACK, pass_fds=(http, txn, devnull.fileno()),
+                                       env=dict(inherited, **{k: v.replace("DEVNULL", str(
+                                           devnull.fileno())) for k, v in env.items()}))
+
+        self.assertClearError(run(GRACEFUL_READY_FD="x"), "GRACEFUL_READY_FD",
+                              "not a file descriptor number")
+        self.assertClearError(run(GRACEFUL_READY_FD="DEVNULL"), "GRACEFUL_READY_FD", "not a pipe")
+        self.assertClearError(run(), "GRACEFUL_READY_FD is missing")
+        self.assertClearError(run(GRACEFUL_GENERATION="-1"), "GRACEFUL_GENERATION")
+        self.assertClearError(run(GRACEFUL_READY_TIMEOUT="soon"), "GRACEFUL_READY_TIMEOUT")

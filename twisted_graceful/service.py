@@ -34,6 +34,7 @@ from twisted_graceful.listeners import (
     describe_socket,
     parse_listen_description,
 )
+from twisted_graceful.logfile import append_to_logfiles
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 from twisted_graceful.pidfile import protect_twistd_pidfile, remove_pidfile_if_own, write_pidfile
 from twisted_graceful.upgrader import HANDED_OVER, SHUTTING_DOWN, UPGRADING, Upgrader
@@ -137,6 +138,7 @@ class GracefulService(service.MultiService):
                  environ=None, inheritance=None, reuse_port=False, backoff_base=1.0,
                  backoff_max=60.0, install_signal_handlers=True, relay_output=True):
         service.MultiService.__init__(self)
+        append_to_logfiles()  # before twistd opens its log file
         if reactor is None:
             from twisted.internet import reactor
         if drain_mode not in DRAIN_MODES:
