@@ -10,6 +10,7 @@ from twisted_graceful.command import next_generation_command
 from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
 from twisted_graceful.http import GracefulSite, self_test_request
+from twisted_graceful import logs, metrics
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
 from twisted_graceful.service import GracefulService, Inheritance
@@ -63,6 +64,10 @@ class Options(usage.Options):
          _positive("max-commands", int)],
         ["idle-timeout", None, 300.0, "Seconds before an idle transaction protocol connection "
          "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
+        ["metrics-port", None, "tcp:9090:interface=127.0.0.1", "Prometheus /metrics and JSON "
+         "/status listener (same forms as --port)"],
+        ["log-format", None, "text", "Log format: text, or json (twisted.logger JSON, one event "
+         "per line; same as twistd --logger twisted_graceful.logs.json_observer)"],
     ]
     optFlags = [
         ["reuse-port", None, "Set SO_REUSEPORT on sockets this process binds (for comparison "
@@ -73,12 +78,29 @@ class Options(usage.Options):
         """
         listener name -> (option, description).
         """
-        return {"http": ("--port", self["port"]), "txn": ("--txn-port", self["txn-port"])}
+        return {"http": ("--port", self["port"]), "txn": ("--txn-port", self["txn-port"]),
+                "metrics": ("--metrics-port", self["metrics-port"])}
 
     def postOptions(self):
         self["db"] = os.path.abspath(self["db"])
         if not os.path.isdir(os.path.dirname(self["db"])):
             raise usage.UsageError(f"--db {self['db']}: the directory does not exist")
+        if self["log-format"] not in logs.LOG_FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be one of {', '.join(logs.LOG_FORMATS)}, "
+                f"not {self['log-format']!r}"
+            )
+        if self["log-format"] == "json" and self.parent is not None:
+            if self.parent.get("logger"):
+                raise usage.UsageError(
+                    "--log-format json and twistd's --logger both choose the log observer; "
+                    "pass only one"
+                )
+            # twistd reads its (already parsed) options after ours: it makes its
+            # observer with this factory, and every generation re-runs the same
+            # command line.
+            logs.configure(self.parent.get("logfile"), self.parent.get("nodaemon"))
+            self.parent["logger"] = "twisted_graceful.logs.json_observer"
         if self["drain"] not in DRAIN_MODES:
             raise usage.UsageError(
                 f"--drain must be one of {', '.join(DRAIN_MODES)}, not {self['drain']!r}"
@@ -132,6 +154,7 @@ def makeService(options):
         idle_timeout=options["idle-timeout"],
     )
     graceful.add_listener("txn", options["txn-port"], txn, option="--txn-port")
+    metrics.install(graceful, options["metrics-port"], http_site=site, txn_factory=txn)
     graceful.add_readiness_check(store.check)
     install_sd_notify(graceful)  # nothing unless $NOTIFY_SOCKET is set
     return graceful

@@ -95,6 +95,8 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
             self._linger.cancel()
         if self._slow is not None:
             self._slow.client_gone()
+        if self._txn is not None:
+            self._count_transaction("aborted")
         self._txn = None  # queued writes never reach the database
         self._buffer = bytearray()
         self.untrack()
@@ -137,6 +139,7 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
     def timeoutConnection(self):
         if self._txn is not None:
             self._txn = None
+            self._count_transaction("aborted")
             self._close(421, f"closing: idle for {self.idle_timeout:g} s; the open transaction "
                              f"is aborted, nothing applied")
         else:
@@ -372,10 +375,12 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
         txn = self._txn
         if txn.failed is not None:
             self._txn = None
+            self._count_transaction("error")
             self._reply(554, f"transaction failed: {txn.failed}; nothing applied")
             return
         if not txn.ops:
             self._txn = None
+            self._count_transaction("committed")
             self._reply(250, "committed, nothing to write")
             return
         self._commit(txn.ops)
@@ -402,13 +407,23 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
 
     def _end_transaction(self, reply):
         self._txn = None
+        self._count_transaction(
+            "committed" if isinstance(reply, tuple) and reply[0] == 250 else "error")
         return reply
+
+    def _count_transaction(self, result):
+        # Hook for metrics: the factory's transaction_observer(result), result
+        # being committed, aborted or error.
+        observer = getattr(self.factory, "transaction_observer", None)
+        if observer is not None:
+            observer(result)
 
     def cmd_ABORT(self):
         if self._txn is None:
             self._reject(503, "ABORT without BEGIN")
             return
         self._txn = None
+        self._count_transaction("aborted")
         self._reply(250, "aborted, nothing applied")
 
     def cmd_PING(self):

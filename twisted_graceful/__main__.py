@@ -1,0 +1,5 @@
+import sys
+
+from twisted_graceful.cli import main
+
+sys.exit(main())

@@ -1,0 +1,270 @@
+"""
+C{python -m twisted_graceful reload|status --pidfile twistd.pid}: steer a
+running server from a deploy script, without its metrics port.
+
+C{reload} sends SIGHUP to the process the pidfile names and follows the
+status file next to the pidfile (C{<pidfile>.status.json}, where every
+generation keeps its own entry) until the attempt ends:
+
+  - the old process records the upgrade's outcome (after the signal): if it
+    failed or timed out, say why (the child's last output line) and exit 1;
+  - if it succeeded, wait until the pidfile names the new process and the new
+    process says it serves, then exit 0;
+  - nothing conclusive within C{--timeout} seconds: exit 4.
+
+Exit status: 0 success, 1 the upgrade failed, 2 usage, 3 no running server,
+4 timeout.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+
+from twisted_graceful.metrics import read_status, status_path
+from twisted_graceful.pidfile import read_pid
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_TIMEOUT = 4
+
+POLL_INTERVAL = 0.05
+
+
+class NotRunning(Exception):
+    pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except OSError:
+        pass
+    return True
+
+
+def running_pid(pidfile, alive=pid_alive):
+    """
+    The live PID the pidfile names; L{NotRunning} in words otherwise.
+    """
+    if not os.path.exists(pidfile):
+        raise NotRunning(f"{pidfile}: no such pidfile (is the server running, with this "
+                         f"--pidfile?)")
+    pid = read_pid(pidfile)
+    if pid is None:
+        raise NotRunning(f"{pidfile}: does not contain a process ID")
+    if not alive(pid):
+        raise NotRunning(f"{pidfile} names pid {pid}, which is not running (stale pidfile)")
+    return pid
+
+
+def entry_of(doc, pid):
+    if not doc or pid is None:
+        return None
+    return doc.get("processes", {}).get(str(pid))
+
+
+def _when(timestamp):
+    if not timestamp:
+        return "?"
+    return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
+
+
+def _seconds(value):
+    return "?" if value is None else f"{value:.2f} s"
+
+
+def child_error(outcome):
+    """
+    The error of a failed upgrade, and the child's last output line that
+    looks like an error (or its last line).
+    """
+    error = outcome.get("error") or "failed"
+    tail = [line.strip() for line in outcome.get("output_tail") or [] if line.strip()]
+    pick = None
+    for line in reversed(tail):
+        if "rror" in line or "xception" in line or "not ready" in line:
+            pick = line
+            break
+    if pick is None and tail:
+        pick = tail[-1]
+    return error, pick
+
+
+def describe_upgrade(outcome):
+    if not outcome:
+        return "no upgrade yet"
+    result = outcome.get("result")
+    if result == "ok":
+        return (f"last upgrade ok at {_when(outcome.get('finished_at'))}: pid "
+                f"{outcome.get('child_pid')} ready after {_seconds(outcome.get('duration_seconds'))}")
+    error, line = child_error(outcome)
+    text = f"last upgrade {result} at {_when(outcome.get('finished_at'))}: {error}"
+    return text + (f" ({line})" if line else "")
+
+
+class Reload:
+    """
+    One C{reload}: the waiting logic, with the outside world (clock, sleep,
+    kill, liveness) injectable for tests.
+    """
+
+    def __init__(self, pidfile, timeout=60.0, out=None, clock=time.monotonic, wall=time.time,
+                 sleep=time.sleep, kill=os.kill, alive=pid_alive, poll=POLL_INTERVAL):
+        self.pidfile = os.path.abspath(pidfile)
+        self.status_file = status_path(self.pidfile)
+        self.timeout = timeout
+        self.out = out or sys.stdout
+        self.clock = clock
+        self.wall = wall
+        self.sleep = sleep
+        self.kill = kill
+        self.alive = alive
+        self.poll = poll
+
+    def say(self, text):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def run(self):
+        try:
+            old = running_pid(self.pidfile, self.alive)
+        except NotRunning as e:
+            self.say(f"reload: {e}")
+            return EXIT_NOT_RUNNING
+        signalled_at = self.wall()
+        try:
+            self.kill(old, signal.SIGHUP)
+        except ProcessLookupError:
+            self.say(f"reload: pid {old} exited before it could be signalled")
+            return EXIT_NOT_RUNNING
+        except PermissionError as e:
+            self.say(f"reload: cannot signal pid {old}: {e}")
+            return EXIT_NOT_RUNNING
+        deadline = self.clock() + self.timeout
+        outcome = None
+        while True:
+            doc = read_status(self.status_file)
+            if outcome is None:
+                last = (entry_of(doc, old) or {}).get("last_upgrade")
+                if last and (last.get("finished_at") or 0) >= signalled_at:
+                    outcome = last
+                    if outcome.get("result") != "ok":
+                        error, line = child_error(outcome)
+                        self.say(f"reload failed ({outcome.get('result')}): {error}; pid {old} "
+                                 f"keeps serving")
+                        if line:
+                            self.say(f"the new generation said: {line}")
+                        return EXIT_FAILED
+            if outcome is not None:
+                new = outcome.get("child_pid")
+                entry = entry_of(doc, new)
+                if read_pid(self.pidfile) == new and entry and entry.get("state") in (
+                        "serving", "upgrading"):
+                    self.say(
+                        f"reloaded: pid {new} (generation {entry.get('generation')}) serves, "
+                        f"ready {_seconds(outcome.get('duration_seconds'))} after the signal; "
+                        f"pid {old} drains and exits")
+                    return EXIT_OK
+                if new and not self.alive(new):
+                    self.say(f"reload failed: pid {new} was ready, then exited")
+                    return EXIT_FAILED
+            elif not self.alive(old):
+                # Its entry may be gone, or it had no time to write it.
+                current = read_pid(self.pidfile)
+                entry = entry_of(doc, current)
+                if current and current != old and entry and entry.get("parent_pid") == old \
+                        and entry.get("state") in ("serving", "upgrading"):
+                    self.say(f"reloaded: pid {current} (generation {entry.get('generation')}) "
+                             f"serves; pid {old} has exited")
+                    return EXIT_OK
+                self.say(f"reload failed: pid {old} exited and no new generation serves")
+                return EXIT_FAILED
+            if self.clock() >= deadline:
+                return self.timed_out(old, doc)
+            self.sleep(self.poll)
+
+    def timed_out(self, old, doc):
+        entry = entry_of(doc, old)
+        if doc is None:
+            detail = f"no status file {self.status_file} (is this a twisted-graceful server?)"
+        elif entry is None:
+            detail = f"pid {old} has no entry in {self.status_file}"
+        elif entry.get("state") == "upgrading" and entry.get("child"):
+            child = entry["child"]
+            detail = (f"pid {old} is still upgrading: the new generation (pid {child.get('pid')}) "
+                      f"is not ready after {self.wall() - (child.get('since') or self.wall()):.1f} s")
+        else:
+            detail = f"pid {old} is {entry.get('state')}"
+        self.say(f"reload timed out after {self.timeout:g} s: {detail}")
+        return EXIT_TIMEOUT
+
+
+def status(pidfile, out=None, as_json=False, alive=pid_alive):
+    out = out or sys.stdout
+    pidfile = os.path.abspath(pidfile)
+    try:
+        pid = running_pid(pidfile, alive)
+    except NotRunning as e:
+        out.write(f"status: {e}\n")
+        return EXIT_NOT_RUNNING
+    doc = read_status(status_path(pidfile))
+    entry = entry_of(doc, pid)
+    if as_json:
+        out.write(json.dumps(entry or {"pid": pid}, indent=1, sort_keys=True) + "\n")
+        return EXIT_OK
+    if entry is None:
+        out.write(f"pid {pid} is running (no entry in {status_path(pidfile)})\n")
+        return EXIT_OK
+    line = f"pid {pid} generation {entry.get('generation')}: {entry.get('state')}"
+    if entry.get("serving_since"):
+        line += f" since {_when(entry['serving_since'])}"
+    if entry.get("child"):
+        line += (f"; upgrading to pid {entry['child'].get('pid')} since "
+                 f"{_when(entry['child'].get('since'))}")
+    listeners = entry.get("listeners") or {}
+    if listeners:
+        line += " (" + ", ".join(f"{k}={v}" for k, v in listeners.items()) + ")"
+    second = describe_upgrade(entry.get("last_upgrade"))
+    if not entry.get("last_upgrade") and entry.get("parent_pid"):
+        second = f"took over from pid {entry['parent_pid']}; no upgrade since"
+    out.write(line + "\n" + second + "\n")
+    out.flush()
+    return EXIT_OK
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m twisted_graceful",
+        description="Steer a running twisted-graceful server.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    reload_parser = commands.add_parser(
+        "reload", help="upgrade (SIGHUP) and wait until the new generation serves or the "
+                       "attempt failed; exit 0 on success, 1 on failure, 4 on timeout")
+    reload_parser.add_argument("--pidfile", default="twistd.pid")
+    reload_parser.add_argument("--timeout", type=float, default=60.0,
+                               help="seconds to wait (default 60)")
+    status_parser = commands.add_parser("status", help="say what the server is doing")
+    status_parser.add_argument("--pidfile", default="twistd.pid")
+    status_parser.add_argument("--json", action="store_true", help="the whole status entry")
+    args = parser.parse_args(argv)
+    if args.command == "reload":
+        if args.timeout <= 0:
+            parser.error("--timeout must be > 0")
+        return Reload(args.pidfile, args.timeout).run()
+    return status(args.pidfile, as_json=args.json)

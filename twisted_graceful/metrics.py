@@ -1,0 +1,552 @@
+"""
+See and steer a graceful server: Prometheus metrics and C{GET /status} on
+their own listener (C{--metrics-port}, handed over like the others), and a
+status file next to the pidfile that the C{reload}/C{status} commands read.
+
+    metrics = GracefulMetrics(graceful)
+    metrics.observe_http_site(site)          # graceful_requests_total{protocol="http"}
+    metrics.observe_txn_factory(txn)         # graceful_requests_total{protocol="txn"}
+    graceful.add_listener("metrics", "tcp:9090:interface=127.0.0.1", metrics.site())
+    StatusFile(graceful)                     # <pidfile>.status.json
+
+Every process has its own L{CollectorRegistry}, so its counters start at zero
+with each generation (each generation is a new process): dashboards should
+use C{graceful_generation} (or C{rate()}, which handles resets). Two things
+are carried over so that they are not lost with the process that counted
+them:
+
+  - C{graceful_reloads_total} goes to the next generation in its environment
+    (L{RELOADS_ENV}), plus the reload that started it;
+  - the drain of the previous generation (its duration and the connections it
+    cut) happens after it stopped accepting, so nobody can scrape it there: its
+    successor reads it from the status file and counts it.
+"""
+
+import fcntl
+import json
+import os
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.twisted import MetricsResource
+from twisted.logger import Logger
+from twisted.web import http, resource
+
+from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
+from twisted_graceful.listeners import describe_socket
+
+RELOADS_ENV = "GRACEFUL_RELOADS"
+RELOAD_RESULTS = ("ok", "failed", "timeout")
+STATES = ("starting", "serving", "upgrading", "draining", "exited")
+TXN_RESULTS = ("committed", "aborted", "error")
+HTTP_RESULTS = ("1xx", "2xx", "3xx", "4xx", "5xx")
+UPGRADE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+DRAIN_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STATUS_SUFFIX = ".status.json"
+KEEP_ENTRIES = 8
+
+
+def status_path(pidfile):
+    """
+    Where the status file of the server whose pidfile is C{pidfile} lives.
+    """
+    return pidfile + STATUS_SUFFIX
+
+
+def read_status(path):
+    """
+    The status file's content (C{{"processes": {"<pid>": entry}}}), or
+    C{None} if it is missing or unreadable. Written with C{os.replace}, it is
+    never seen half-written.
+    """
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("processes"), dict):
+        return None
+    return doc
+
+
+def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
+    """
+    Put C{entry} under C{pid} in the status file. Every generation writes its
+    own entry (the old one its last upgrade and drain, the new one its
+    serving state) under an exclusive lock, so neither overwrites the other;
+    the oldest entries of processes that are gone are dropped.
+    """
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = read_status(path) or {"processes": {}}
+        processes = doc["processes"]
+        processes[str(pid)] = entry
+        if len(processes) > keep:
+            gone = sorted(
+                (p for p in processes if p != str(pid) and not _alive(int(p))),
+                key=lambda p: processes[p].get("updated_at") or 0,
+            )
+            for p in gone[: len(processes) - keep]:
+                del processes[p]
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"version": 1, "processes": processes}, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        os.close(lock)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+class ProcessStatus:
+    """
+    What one generation says about itself: the content of C{GET /status} and
+    of its entry in the status file. Built by observing the L{GracefulService}.
+    """
+
+    def __init__(self, graceful, clock=time.time):
+        self.graceful = graceful
+        self.clock = clock
+        self.started_at = clock()
+        self.serving_since = None
+        self.child_since = None
+        self.handed_over_to = None
+        self.drain = None
+        self.exited = False
+        self.listeners = {}
+        graceful.add_observer(self._event)
+
+    def _event(self, event, **details):
+        if event == "serving":
+            self.serving_since = self.clock()
+            for name, listener in self.graceful.listeners.items():
+                try:
+                    self.listeners[name] = describe_socket(listener.port.socket)
+                except (AttributeError, OSError):
+                    pass
+        elif event == "upgrade-started":
+            self.child_since = self.clock()
+        elif event == "handed-over":
+            self.handed_over_to = details.get("child_pid")
+        elif event == "drained":
+            report = details["report"]
+            self.drain = {
+                "duration_seconds": report.duration,
+                "connections_at_start": report.at_start,
+                "busy_at_start": report.busy_at_start,
+                "closed_by_server": report.closed_by_server,
+                "closed_by_client": report.closed_by_client,
+                "cut": len(report.cut),
+                "finished_at": self.clock(),
+            }
+            self.exited = True
+
+    @property
+    def state(self):
+        return "exited" if self.exited else self.graceful.state
+
+    def as_dict(self):
+        graceful = self.graceful
+        upgrader = graceful.upgrader
+        state = self.state
+        child = upgrader.child if state == "upgrading" else None
+        inheritance = graceful.inheritance
+        inherited = inheritance is not None and inheritance.source == "inherited"
+        outcome = upgrader.last_outcome
+        return {
+            "pid": os.getpid(),
+            "generation": graceful.generation,
+            "state": state,
+            "started_at": self.started_at,
+            "serving_since": self.serving_since,
+            "parent_pid": inheritance.parent_pid if inherited else None,
+            "pidfile": graceful.pidfile,
+            "listeners": dict(self.listeners),
+            "child": None if child is None else {
+                "pid": getattr(child, "pid", None), "since": self.child_since},
+            "last_upgrade": None if outcome is None else outcome.as_dict(),
+            "handed_over_to": self.handed_over_to,
+            "drain": self.drain,
+            "updated_at": self.clock(),
+        }
+
+
+class StatusFile:
+    """
+    Keep this generation's entry of C{<pidfile>.status.json} up to date: on
+    every event of the L{GracefulService} (serving, upgrade started, failed or
+    ok, handed over, shutting down, drained). Nothing is written when the
+    service has no pidfile.
+    """
+
+    log = Logger()
+
+    def __init__(self, graceful, status=None, path=None):
+        self.graceful = graceful
+        self.status = status or ProcessStatus(graceful)
+        self._path = path
+        graceful.add_observer(self._event)
+
+    @property
+    def path(self):
+        if self._path is not None:
+            return self._path
+        # The pidfile is known once the service acquired its inheritance.
+        return status_path(self.graceful.pidfile) if self.graceful.pidfile else None
+
+    def _event(self, event, **details):
+        self.write()
+
+    def write(self):
+        path = self.path
+        if path is None:
+            return
+        try:
+            update_status_file(path, os.getpid(), self.status.as_dict())
+        except OSError as e:
+            self.log.warn("could not write the status file {path}: {err}", path=path, err=e)
+
+
+class GracefulMetrics:
+    """
+    The Prometheus metrics of one generation, in a registry of its own.
+    """
+
+    def __init__(self, graceful, registry=None, status=None, environ=None):
+        self.graceful = graceful
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.status = status or ProcessStatus(graceful)
+        self.environ = graceful.environ if environ is None else environ
+        self._protocols = set()
+        self._reload_counts = dict.fromkeys(RELOAD_RESULTS, 0)
+        self._snapshot = None
+        self._imported_drain = False
+        self._lock = threading.Lock()
+        r = self.registry
+        r.register(_BeforeScrape(self))  # first: what it imports shows in this scrape
+        self.generation = Gauge(
+            "graceful_generation", "Generation of this process (1: started by hand; each "
+            "successful upgrade adds 1). Counters reset when it changes.", registry=r)
+        self.generation.set_function(lambda: self._live()["generation"])
+        self.reloads = Counter(
+            "graceful_reloads", "Upgrades (SIGHUP) by result: ok, failed (the child exited or "
+            "could not start), timeout (not ready in time). Carried over from generation to "
+            "generation.", ["result"], registry=r)
+        self.upgrade_duration = Histogram(
+            "graceful_upgrade_duration_seconds", "Successful upgrades: from the signal to the "
+            "next generation being ready", buckets=UPGRADE_BUCKETS, registry=r)
+        self.drain_duration = Histogram(
+            "graceful_drain_duration_seconds", "Drains: from the moment a generation stopped "
+            "accepting to its last connection closed (the previous generation's drain is "
+            "counted by its successor)", buckets=DRAIN_BUCKETS, registry=r)
+        self.requests = Counter(
+            "graceful_requests", "Finished HTTP requests by status class and transactions by "
+            "result (committed, aborted, error)", ["protocol", "result"], registry=r)
+        self.cut = Counter(
+            "graceful_connections_cut", "Connections aborted at the hard drain deadline",
+            registry=r)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+        ProcessCollector(registry=r)
+        r.register(_LiveCollector(self))
+        graceful.add_observer(self._event)
+
+    # --- wiring -------------------------------------------------------------
+    def observe_http_site(self, site, protocol="http"):
+        """
+        Count the requests C{site} finishes, by status class.
+        """
+        self._protocols.add(protocol)
+        for result in HTTP_RESULTS:
+            self.requests.labels(protocol, result)
+        original = site.log
+
+        def log(request):
+            try:
+                self.requests.labels(protocol, f"{int(request.code) // 100}xx").inc()
+            finally:
+                original(request)
+
+        site.log = log
+        return site
+
+    def observe_txn_factory(self, factory, protocol="txn"):
+        """
+        Count the transactions of a L{TxnFactory} by result.
+        """
+        self._protocols.add(protocol)
+        for result in TXN_RESULTS:
+            self.requests.labels(protocol, result)
+        factory.transaction_observer = lambda result: self.requests.labels(protocol, result).inc()
+        return factory
+
+    def resource(self):
+        """
+        C{/metrics} (Prometheus text) and C{/status} (JSON).
+        """
+        root = _Root()
+        root.putChild(b"metrics", _Snapshotting(self, MetricsResource(self.registry)))
+        root.putChild(b"status", StatusResource(self.status))
+        return root
+
+    def site(self):
+        """
+        A site for the metrics listener. Its connections are tracked (and
+        drained) like the others, under the protocol name C{metrics}.
+        """
+        self._protocols.add("metrics")
+        return MetricsSite(self.resource(), drain_tracker=self.graceful.tracker)
+
+    # --- events ---------------------------------------------------------------
+    def _event(self, event, **details):
+        if event == "serving":
+            if details.get("inherited"):
+                self._carry_over_reloads()
+            self._save_reloads()
+        elif event in ("upgrade-ok", "upgrade-failed"):
+            outcome = details["outcome"]
+            result = outcome.result if outcome.result in RELOAD_RESULTS else "failed"
+            self._count_reload(result)
+            if result == "ok" and outcome.duration is not None:
+                self.upgrade_duration.observe(outcome.duration)
+            self._save_reloads()
+        elif event == "drained":
+            report = details["report"]
+            self.drain_duration.observe(report.duration)
+            self.cut.inc(len(report.cut))
+
+    def _carry_over_reloads(self):
+        """
+        The previous generation's counts (from the environment it spawned us
+        with), plus the upgrade that made us.
+        """
+        carried = _parse_reloads(self.environ.get(RELOADS_ENV, ""))
+        for result, count in carried.items():
+            self._count_reload(result, count)
+        self._count_reload("ok")
+
+    def _count_reload(self, result, count=1):
+        self._reload_counts[result] += count
+        self.reloads.labels(result).inc(count)
+
+    def _save_reloads(self):
+        counts = self._reload_counts
+        try:
+            self.environ[RELOADS_ENV] = ",".join(f"{r}={n}" for r, n in counts.items())
+        except (TypeError, ValueError):
+            pass
+
+    def import_previous_drain(self, doc=None):
+        """
+        Count the previous generation's drain once it is over (it is recorded
+        in the status file).
+        """
+        if self._imported_drain:
+            return
+        inheritance = self.graceful.inheritance
+        if inheritance is None or inheritance.source != "inherited" or not inheritance.parent_pid:
+            self._imported_drain = True
+            return
+        if doc is None:
+            path = status_path(self.graceful.pidfile) if self.graceful.pidfile else None
+            doc = read_status(path) if path else None
+        entry = (doc or {}).get("processes", {}).get(str(inheritance.parent_pid))
+        drain = (entry or {}).get("drain")
+        if not drain:
+            return
+        with self._lock:
+            if self._imported_drain:
+                return
+            self._imported_drain = True
+        self.drain_duration.observe(drain.get("duration_seconds") or 0.0)
+        self.cut.inc(drain.get("cut") or 0)
+
+    # --- scrape time ------------------------------------------------------------
+    def snapshot(self):
+        """
+        Read the live values in the reactor thread, for a scrape that
+        L{MetricsResource} then renders in a thread of the pool.
+        """
+        self._snapshot = self._read_live()
+
+    def _live(self):
+        if threading.current_thread() is threading.main_thread() or self._snapshot is None:
+            return self._read_live()
+        return self._snapshot
+
+    def _read_live(self):
+        counts = self.graceful.tracker.counts()
+        self._protocols.update(counts)  # a protocol seen once stays, at zero
+        return {
+            "generation": self.graceful.generation,
+            "state": self.status.state,
+            "counts": counts,
+            "protocols": sorted(self._protocols | set(counts)),
+        }
+
+
+def _parse_reloads(text):
+    counts = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name in RELOAD_RESULTS and value.isdigit():
+            counts[name] = int(value)
+    return counts
+
+
+class _BeforeScrape:
+    """
+    Runs first at each scrape: count the previous generation's drain once it
+    is recorded.
+    """
+
+    log = Logger()
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        try:
+            self.metrics.import_previous_drain()
+        except Exception:
+            self.log.failure("reading the previous generation's drain")
+        return []
+
+
+class _LiveCollector:
+    """
+    Gauges computed at scrape time: open connections and connections inside
+    a transaction per protocol, and the state.
+    """
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return [
+            GaugeMetricFamily("graceful_open_connections", "", labels=["protocol"]),
+            GaugeMetricFamily("graceful_inflight_transactions", "", labels=["protocol"]),
+            GaugeMetricFamily("graceful_state", "", labels=["state"]),
+        ]
+
+    def collect(self):
+        live = self.metrics._live()
+        opened = GaugeMetricFamily(
+            "graceful_open_connections", "Open connections per protocol", labels=["protocol"])
+        busy = GaugeMetricFamily(
+            "graceful_inflight_transactions", "Connections inside a transaction (an HTTP "
+            "request being handled, a transaction between BEGIN and its COMMIT reply)",
+            labels=["protocol"])
+        for protocol in live["protocols"]:
+            total, inside = live["counts"].get(protocol, (0, 0))
+            opened.add_metric([protocol], total)
+            busy.add_metric([protocol], inside)
+        state = GaugeMetricFamily(
+            "graceful_state", "1 for the state this process is in", labels=["state"])
+        for name in STATES:
+            state.add_metric([name], 1 if name == live["state"] else 0)
+        return [opened, busy, state]
+
+
+class _Root(resource.Resource):
+    def getChild(self, path, request):
+        if path == b"":
+            return self
+        return resource.NoResource()
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"twisted-graceful: /metrics (Prometheus), /status (JSON)\n"
+
+
+class _Snapshotting(resource.Resource):
+    """
+    Take the live values in the reactor thread, then let the WSGI
+    L{MetricsResource} render in the thread pool.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics, wrapped):
+        resource.Resource.__init__(self)
+        self.metrics = metrics
+        self.wrapped = wrapped
+
+    def render(self, request):
+        self.metrics.snapshot()
+        return self.wrapped.render(request)
+
+
+class StatusResource(resource.Resource):
+    """
+    C{GET /status}: this process's L{ProcessStatus} as JSON.
+    """
+
+    isLeaf = True
+
+    def __init__(self, status):
+        resource.Resource.__init__(self)
+        self.status = status
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.status.as_dict(), indent=1, sort_keys=True).encode() + b"\n"
+
+    render_HEAD = render_GET
+
+
+class _MetricsChannel(DrainableHTTPChannel):
+    protocol_name = "metrics"
+
+
+class MetricsSite(GracefulSite):
+    noisy = False
+
+    def protocol(self):
+        return http._GenericHTTPChannelProtocol(_MetricsChannel())
+
+    def log(self, request):
+        pass  # a scrape every few seconds is not worth a log line
+
+
+def install(graceful, description, option="--metrics-port", http_site=None, txn_factory=None,
+            status_file=True, registry=None):
+    """
+    Everything at once: metrics and C{/status} on a listener named
+    C{metrics}, and the status file. Returns the L{GracefulMetrics}.
+    """
+    status = ProcessStatus(graceful)
+    if status_file:
+        StatusFile(graceful, status)
+    metrics = GracefulMetrics(graceful, registry=registry, status=status)
+    if http_site is not None:
+        metrics.observe_http_site(http_site)
+    if txn_factory is not None:
+        metrics.observe_txn_factory(txn_factory)
+    graceful.add_listener("metrics", description, metrics.site(), option=option)
+    return metrics
+
+
+__all__ = [
+    "GracefulMetrics", "MetricsSite", "ProcessStatus", "StatusFile", "StatusResource",
+    "install", "read_status", "status_path", "update_status_file", "RELOADS_ENV",
+]
