@@ -553,6 +553,56 @@ class Run:
                 await s.stop()
 
 
+async def wrk_during_upgrades(run, upgrades, connections, interval):
+    """
+    wrk's keep-alive load on the HTTP port while the server upgrades itself
+    C{upgrades} times: its socket errors and non-2xx responses.
+    """
+    wrk = shutil.which("wrk")
+    if not wrk:
+        return {"skipped": "wrk is not installed"}
+    cwd = tempfile.mkdtemp(dir=run.workdir, prefix="wrk-")
+    server = await Server(run.args(0, 0, os.path.join(cwd, "db.sqlite3")), cwd).start()
+    try:
+        pid, ports = await server.ports()
+        await server.wait_for(r"generation 1: serving")
+        seconds = int(upgrades * (interval + 1.5) + 4)
+        proc = await asyncio.create_subprocess_exec(
+            wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+            f"http://127.0.0.1:{ports['http']}/",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        await asyncio.sleep(1.0)  # wrk's connections open before the first upgrade
+        current, generation = pid, 1
+        done = 0
+        for _ in range(upgrades):
+            if proc.returncode is not None:
+                break
+            mark = len(server.lines)
+            os.kill(current, signal.SIGHUP)
+            _, _, m = await server.wait_for(
+                rf"generation {generation + 1} \(pid (\d+)\) is ready after", 120, mark)
+            current, generation = int(m.group(1)), generation + 1
+            done += 1
+            await asyncio.sleep(interval)  # the spacing between upgrades
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
+        text = out.decode()
+        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                           text)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+        total = re.search(r"(\d+) requests in", text)
+        return {
+            "upgrades": done,
+            "requests": int(total.group(1)) if total else None,
+            "socket_errors": dict(zip(("connect", "read", "write", "timeout"),
+                                      map(int, errors.groups()))) if errors else
+            {"connect": 0, "read": 0, "write": 0, "timeout": 0},
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "command": f"wrk -t2 -c{connections} -d{seconds}s --latency http://127.0.0.1:PORT/",
+        }
+    finally:
+        await server.stop()
+
+
 # --- baselines -------------------------------------------------------------
 
 class _BareIdentity:
@@ -781,6 +831,14 @@ def print_report(report, out=sys.stdout):
               f"x{fmt(s['growth_gen2_to_last']['fds'], 3)}\n")
         for example in s["failure_examples"]:
             w(f"  e.g. {example}\n")
+    wrk = report.get("wrk")
+    if wrk:
+        if "skipped" in wrk:
+            w(f"\nwrk during upgrades: skipped ({wrk['skipped']})\n")
+        else:
+            w(f"\nwrk keep-alive load during {wrk['upgrades']} upgrades: {wrk['requests']} requests, "
+              f"socket errors {wrk['socket_errors']}, non-2xx {wrk['non_2xx']} "
+              f"({wrk['command']})\n")
     t = report.get("targets")
     if t:
         w("\ntargets:\n")
@@ -791,6 +849,10 @@ def print_report(report, out=sys.stdout):
 def targets(report):
     out = {}
     b = report.get("baseline") or {}
+    wrk = report.get("wrk")
+    if wrk and "skipped" not in wrk:
+        bad = sum(wrk["socket_errors"].values()) + wrk["non_2xx"]
+        out["wrk: no socket errors or non-2xx"] = (bad == 0, f"{bad} under {wrk['upgrades']} upgrades")
     for s in report["strategies"]:
         if s["strategy"] != "handover":
             continue
@@ -830,6 +892,10 @@ async def main_async(opts):
     if not opts.no_baseline:
         report["baseline"] = await asyncio.wait_for(baselines(opts, run, workdir),
                                                     max(1, deadline - time.monotonic()))
+    if opts.wrk_upgrades:
+        report["wrk"] = await asyncio.wait_for(
+            wrk_during_upgrades(run, opts.wrk_upgrades, opts.connections, opts.interval),
+            max(1, deadline - time.monotonic()))
     for strategy in opts.strategies.split(","):
         upgrades = opts.upgrades if strategy == "handover" else opts.compare_upgrades
         result = await asyncio.wait_for(
@@ -856,6 +922,8 @@ def parse_args(argv=None):
     p.add_argument("--throughput-seconds", type=int, default=5)
     p.add_argument("--fresh-starts", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--wrk-upgrades", type=int, default=20,
+                   help="upgrades under wrk keep-alive load (0: skip; needs wrk)")
     p.add_argument("--max-seconds", type=float, default=1800, help="bound on the whole run")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--smoke", action="store_true",
@@ -863,7 +931,7 @@ def parse_args(argv=None):
     opts = p.parse_args(argv)
     if opts.smoke:
         opts.upgrades, opts.interval, opts.warmup, opts.clients = 3, 0.3, 0.3, 2
-        opts.strategies, opts.no_baseline = "handover", True
+        opts.strategies, opts.no_baseline, opts.wrk_upgrades = "handover", True, 0
         opts.max_seconds = min(opts.max_seconds, 240)
     return opts
 
@@ -877,8 +945,9 @@ def main(argv=None):
             json.dump(report, f, indent=2, default=str)
     # Correctness decides the exit status; the performance targets are
     # reported (a noisy shared machine can miss them without a regression).
-    ok, _ = report["targets"].get("no failures", (False, ""))
-    return 0 if ok else 1
+    correctness = [v for k, v in report["targets"].items()
+                   if k in ("no failures", "wrk: no socket errors or non-2xx")]
+    return 0 if correctness and all(ok for ok, _ in correctness) else 1
 
 
 if __name__ == "__main__":
