@@ -178,3 +178,61 @@ class ConnectionLevelDrainTests(unittest.TestCase):
         server.wait_for(rf"Drain timeout \(1.0 s\) reached")
         server.wait_for(rf"pid {pid} generation 1: drained 1 connection\(s\) .* 1 closed by the server")
         server.wait_exit_line(pid)
+
+
+class TransactionProtocolDrainTests(unittest.TestCase):
+    """
+    The transaction protocol drains through the same tracker.
+    """
+
+    def start(self, *extra):
+        from tests.test_txn_e2e import graceful
+
+        server = graceful(self, *extra)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        return server, pid, ports
+
+    def test_idle_client_gets_421_promptly(self):
+        from tests.test_txn_e2e import DRAINING, TxnClient
+
+        server, pid, ports = self.start("--idle-grace", "30")
+        client = TxnClient(ports["txn"])
+        self.addCleanup(client.close)
+        self.assertEqual(client.ask("PING")[:3], "250")
+        started = time.monotonic()
+        server.signal(pid, signal.SIGHUP)
+        server.wait_handover(1)
+        lines = client.read_eof()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], DRAINING.pattern)
+        # Promptly: not after the HTTP idle grace (30 s) nor the drain timeout.
+        self.assertLess(time.monotonic() - started, 15)
+        server.wait_exit_line(pid)
+
+    def test_hard_deadline_rolls_back_an_open_transaction(self):
+        from tests.test_txn_e2e import TxnClient, db_rows
+
+        server, pid, ports = self.start("--drain-timeout", "1", "--abort-grace", "1")
+        client = TxnClient(ports["txn"])
+        self.addCleanup(client.close)
+        self.assertEqual(client.ask("BEGIN"), "250 begin")
+        self.assertEqual(client.ask("SET stuck 1"), "250 queued")
+        server.signal(pid, signal.SIGHUP)
+        server.wait_handover(1)
+        server.wait_for(rf"Cutting txn connection from 127\.0\.0\.1:\d+ \(in a transaction\)")
+        server.wait_for(rf"pid {pid} generation 1: drained 1 connection\(s\) .* 1 cut at the deadline")
+        server.wait_exit_line(pid)
+        deadline = time.monotonic() + 20
+        while pid_alive(pid):
+            self.assertLess(time.monotonic(), deadline, "the old process did not exit on time")
+            time.sleep(0.02)
+        # The client sees its connection end (or reset), never a commit.
+        try:
+            seen = client.read_eof()
+        except ConnectionResetError:
+            seen = []
+        self.assertNotIn("250 committed", " ".join(seen))
+        kv, txns = db_rows(server.db)
+        self.assertNotIn("stuck", kv)
+        self.assertEqual(txns, [])
