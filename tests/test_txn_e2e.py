@@ -233,7 +233,11 @@ class ClientLoop:
             if attempt % 2:
                 client.send(*commands)
                 commit_sent = True
-                replies = [client.read() for _ in range(4)]
+                replies = []
+                for _ in range(4):
+                    replies.append(client.read())
+                    if DRAINING.match(replies[-1]):
+                        break  # nothing after a 421 runs; the server closes
             else:
                 replies = []
                 for command in commands:

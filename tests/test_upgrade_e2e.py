@@ -15,7 +15,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, with_ephemeral_listeners, ServerProcess, free_port, http_get, pid_alive, pid_in
+from tests.e2e import REPO, TWISTD, graceful_options, with_ephemeral_listeners, ServerProcess, free_port, http_get, pid_alive, pid_in
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -345,6 +345,19 @@ class FailedUpgradeTests(unittest.TestCase):
         self.fixed_upgrade_succeeds()
 
 
+def listener_names():
+    """
+    The listeners `graceful` has, in the order it hands them over.
+    """
+    options = graceful_options()
+    return ["http"] + [name for name, option in (("txn", "txn-port"), ("metrics", "metrics-port"))
+                       if option in options]
+
+
+# The listeners after http in a GRACEFUL_LISTENERS value, at fds never open.
+OTHERS = ",".join(f"{name}={90 + i}" for i, name in enumerate(listener_names()[1:])) or "x=99"
+
+
 class BadInputTests(unittest.TestCase):
     def run_twistd(self, *args, env=None, pass_fds=()):
         cwd = os.path.abspath(self.mktemp())
@@ -385,9 +398,9 @@ class BadInputTests(unittest.TestCase):
             ("garbage", "is not of the form name=fd"),
             ("http=abc", "'abc' is not a file descriptor number"),
             ("http=1", "stdin/stdout/stderr"),
-            ("http=77,txn=78", "fd 77 is not open"),
+            ("http=77," + OTHERS, "fd 77 is not open"),
             ("txn=5", "has no listener named 'http'"),
-            ("http=77,txn=78,ftp=79", "passes 'ftp', which this generation has no option for"),
+            ("http=77,ftp=79," + OTHERS, "passes 'ftp', which this generation has no option for"),
         ]:
             result = self.run_twistd("--port", LOOPBACK, env={"GRACEFUL_LISTENERS": value})
             self.assertClearError(result, "GRACEFUL_LISTENERS", message)
@@ -397,26 +410,27 @@ class BadInputTests(unittest.TestCase):
         with open(os.devnull) as devnull, a, b:
             fd = devnull.fileno()
             result = self.run_twistd(
-                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={fd},txn=99"},
+                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={fd}," + OTHERS},
                 pass_fds=(fd,))
             self.assertClearError(result, "GRACEFUL_LISTENERS", f"fd {fd} is not a socket")
             result = self.run_twistd(
-                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={a.fileno()},txn=99"},
+                "--port", LOOPBACK, env={"GRACEFUL_LISTENERS": f"http={a.fileno()}," + OTHERS},
                 pass_fds=(a.fileno(),))
             self.assertClearError(result, "GRACEFUL_LISTENERS", "not listening")
 
     def test_garbage_ready_fd(self):
-        listeners = [socket.socket(), socket.socket()]
+        names = listener_names()
+        listeners = [socket.socket() for _ in names]
         for sock in listeners:
             self.addCleanup(sock.close)
             sock.bind(("127.0.0.1", 0))
             sock.listen()
-        http, txn = (sock.fileno() for sock in listeners)
-        inherited = {"GRACEFUL_LISTENERS": f"http={http},txn={txn}"}
+        fds = tuple(sock.fileno() for sock in listeners)
+        inherited = {"GRACEFUL_LISTENERS": ",".join(f"{n}={fd}" for n, fd in zip(names, fds))}
 
         def run(**env):
             with open(os.devnull, "w") as devnull:
-                return self.run_twistd("--port", LOOPBACK, pass_fds=(http, txn, devnull.fileno()),
+                return self.run_twistd("--port", LOOPBACK, pass_fds=fds + (devnull.fileno(),),
                                        env=dict(inherited, **{k: v.replace("DEVNULL", str(
                                            devnull.fileno())) for k, v in env.items()}))
 
