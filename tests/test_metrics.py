@@ -164,7 +164,8 @@ class UpgradeMetricsTests(MetricsTestCase):
         path = os.path.abspath(self.mktemp())
         pidfile = path + ".pid"
         update_status_file(pidfile + ".status.json", 77, {
-            "pid": 77, "drain": {"duration_seconds": 4.0, "cut": 1}, "updated_at": 1})
+            "pid": 77, "drain": {"duration_seconds": 4.0, "cut": 1}, "updated_at": 1,
+            "last_upgrade": {"result": "ok", "child_pid": os.getpid(), "duration_seconds": 0.7}})
         inheritance = Inheritance({}, generation=2, parent_pid=77, source="inherited",
                                   pidfile=pidfile)
         graceful = make_service(inheritance=inheritance, pidfile=pidfile)
@@ -173,6 +174,7 @@ class UpgradeMetricsTests(MetricsTestCase):
         for _ in range(2):  # counted once, however many scrapes
             self.assertEqual(value("graceful_drain_duration_seconds_count"), 1)
             self.assertEqual(value("graceful_connections_cut_total"), 1)
+            self.assertEqual(value("graceful_upgrade_duration_seconds_sum"), 0.7)
 
     def test_generation_and_state(self):
         self.assertEqual(self.value("graceful_generation"), 1)

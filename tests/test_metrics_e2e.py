@@ -147,6 +147,7 @@ class PluginMetricsTests(unittest.TestCase):
         # The old generation's drain is counted by its successor.
         server.wait_exit_line(pid)
         wait_metric(m, "graceful_drain_duration_seconds_count", 1)
+        self.assertEqual(metric(m, "graceful_upgrade_duration_seconds_count"), 1)
         server.signal(new, signal.SIGTERM)
         server.wait_all_exited()
 

@@ -17,9 +17,10 @@ them:
 
   - C{graceful_reloads_total} goes to the next generation in its environment
     (L{RELOADS_ENV}), plus the reload that started it;
-  - the drain of the previous generation (its duration and the connections it
-    cut) happens after it stopped accepting, so nobody can scrape it there: its
-    successor reads it from the status file and counts it.
+  - the upgrade that started a generation (timed by its parent) and the drain
+    of the previous generation (its duration and the connections it cut)
+    happen in a process nobody scrapes any more: its successor reads them from
+    the status file (so only with a pidfile) and counts them once.
 """
 
 import fcntl
@@ -236,6 +237,7 @@ class GracefulMetrics:
         self._reload_counts = dict.fromkeys(RELOAD_RESULTS, 0)
         self._snapshot = None
         self._imported_drain = False
+        self._imported_upgrade = False
         self._lock = threading.Lock()
         r = self.registry
         r.register(_BeforeScrape(self))  # first: what it imports shows in this scrape
@@ -249,7 +251,9 @@ class GracefulMetrics:
             "generation.", ["result"], registry=r)
         self.upgrade_duration = Histogram(
             "graceful_upgrade_duration_seconds", "Successful upgrades: from the signal to the "
-            "next generation being ready", buckets=UPGRADE_BUCKETS, registry=r)
+            "next generation being ready (observed by the old generation; its successor "
+            "imports the one that started it from the status file)", buckets=UPGRADE_BUCKETS,
+            registry=r)
         self.drain_duration = Histogram(
             "graceful_drain_duration_seconds", "Drains: from the moment a generation stopped "
             "accepting to its last connection closed (the previous generation's drain is "
@@ -365,8 +369,16 @@ class GracefulMetrics:
         if doc is None:
             path = status_path(self.graceful.pidfile) if self.graceful.pidfile else None
             doc = read_status(path) if path else None
-        entry = (doc or {}).get("processes", {}).get(str(inheritance.parent_pid))
-        drain = (entry or {}).get("drain")
+        entry = (doc or {}).get("processes", {}).get(str(inheritance.parent_pid)) or {}
+        upgrade = entry.get("last_upgrade") or {}
+        if not self._imported_upgrade and upgrade.get("result") == "ok" \
+                and upgrade.get("child_pid") == os.getpid():
+            # The upgrade that started us was timed by the parent.
+            with self._lock:
+                imported, self._imported_upgrade = self._imported_upgrade, True
+            if not imported and upgrade.get("duration_seconds") is not None:
+                self.upgrade_duration.observe(upgrade["duration_seconds"])
+        drain = entry.get("drain")
         if not drain:
             return
         with self._lock:
