@@ -634,8 +634,9 @@ async def measure_throughput(port, seconds, connections):
     """
     wrk = shutil.which("wrk")
     if wrk:
+        # One wrk thread: the other core is the server's (it is single-threaded).
         proc = await asyncio.create_subprocess_exec(
-            wrk, "-t2", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/",
+            wrk, "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
         m = re.search(rb"Requests/sec:\s+([\d.]+)", out)
@@ -661,23 +662,31 @@ async def baselines(opts, run, workdir):
     port = free_port()
     bare = await Server(["web", "--listen", f"tcp:{port}:interface=127.0.0.1",
                          "--class", "bench.reload.BareHello"], cwd, name="bare").start()
-    try:
-        await wait_port(port)
-        out["bare_rps"], out["load_tool"] = await measure_throughput(
-            port, opts.throughput_seconds, opts.connections)
-    finally:
-        await bare.stop()
     db = os.path.join(cwd, "base.sqlite3")
     graceful = await Server(run.args(0, 0, db), cwd, name="graceful-steady").start()
     try:
+        await wait_port(port)
         _, ports = await graceful.ports()
         await graceful.wait_for("generation 1: serving")
-        out["graceful_rps"], _ = await measure_throughput(
-            ports["http"], opts.throughput_seconds, opts.connections)
+        # Interleaved rounds, one server at a time: the machine's noise moves
+        # both alike within a round; the median ratio of the rounds is reported.
+        bare_rps, graceful_rps, ratios = [], [], []
+        for _ in range(opts.throughput_rounds):
+            b, out["load_tool"] = await measure_throughput(
+                port, opts.throughput_seconds, opts.connections)
+            g, _ = await measure_throughput(ports["http"], opts.throughput_seconds,
+                                            opts.connections)
+            bare_rps.append(b)
+            graceful_rps.append(g)
+            if b and g:
+                ratios.append(g / b)
     finally:
+        await bare.stop()
         await graceful.stop()
-    out["throughput_ratio"] = (out["graceful_rps"] / out["bare_rps"]
-                               if out.get("bare_rps") and out.get("graceful_rps") else None)
+    out["bare_rps"] = statistics.median(bare_rps) if all(bare_rps) else None
+    out["graceful_rps"] = statistics.median(graceful_rps) if all(graceful_rps) else None
+    out["throughput_ratios"] = ratios
+    out["throughput_ratio"] = statistics.median(ratios) if ratios else None
     starts = []
     for i in range(opts.fresh_starts):
         port = free_port()
@@ -799,8 +808,9 @@ def print_report(report, out=sys.stdout):
     w(f"\n== reload benchmark ({report['config']}) ==\n")
     if b:
         w(f"throughput: graceful {fmt(b.get('graceful_rps'), 0)} req/s, bare twistd web "
-          f"{fmt(b.get('bare_rps'), 0)} req/s ({b.get('load_tool')}): ratio "
-          f"{fmt(b.get('throughput_ratio'), 3)}\n")
+          f"{fmt(b.get('bare_rps'), 0)} req/s ({b.get('load_tool')}, medians): ratio "
+          f"{fmt(b.get('throughput_ratio'), 3)} (median of rounds "
+          f"{', '.join(fmt(r, 3) for r in b.get('throughput_ratios', []))})\n")
         w(f"fresh twistd graceful, start to first response: "
           f"{fmt((b.get('fresh_start_to_first_response') or 0) * 1000, 0)} ms\n")
     w("\n| strategy | upgrades | done | failed | refused | reset | timeout | bad status | "
@@ -920,6 +930,8 @@ def parse_args(argv=None):
     p.add_argument("--strategies", default="handover,restart,reuse-port")
     p.add_argument("--connections", type=int, default=20, help="connections for throughput")
     p.add_argument("--throughput-seconds", type=int, default=5)
+    p.add_argument("--throughput-rounds", type=int, default=5,
+                   help="interleaved bare/graceful throughput rounds (median ratio)")
     p.add_argument("--fresh-starts", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--wrk-upgrades", type=int, default=20,

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from twisted_graceful.pidfile import pid_alive  # noqa: F401 (tests import it from here)
+
 TWISTD = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,23 +276,6 @@ def with_ephemeral_listeners(args):
         if option in graceful_options() and f"--{option}" not in args:
             args += [f"--{option}", "tcp:0:interface=127.0.0.1"]
     return args
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split()[1]
-    except OSError:
-        return False
-    return True
 
 
 def http_get(port, path="/", timeout=10.0, host="127.0.0.1", method="GET", body=None,

@@ -175,7 +175,7 @@ class ConnectionLevelDrainTests(unittest.TestCase):
         conn.getresponse().read()
         server.signal(pid, signal.SIGHUP)
         server.wait_handover(1)
-        server.wait_for(rf"Drain timeout \(1.0 s\) reached")
+        server.wait_for(r"Drain timeout \(1.0 s\) reached")
         server.wait_for(rf"pid {pid} generation 1: drained 1 connection\(s\) .* 1 closed by the server")
         server.wait_exit_line(pid)
 
@@ -220,7 +220,7 @@ class TransactionProtocolDrainTests(unittest.TestCase):
         self.assertEqual(client.ask("SET stuck 1"), "250 queued")
         server.signal(pid, signal.SIGHUP)
         server.wait_handover(1)
-        server.wait_for(rf"Cutting txn connection from 127\.0\.0\.1:\d+ \(in a transaction\)")
+        server.wait_for(r"Cutting txn connection from 127\.0\.0\.1:\d+ \(in a transaction\)")
         server.wait_for(rf"pid {pid} generation 1: drained 1 connection\(s\) .* 1 cut at the deadline")
         server.wait_exit_line(pid)
         deadline = time.monotonic() + 20

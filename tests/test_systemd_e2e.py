@@ -216,7 +216,6 @@ class NotifyTests(unittest.TestCase):
         generation = 1
 
         def upgrade():
-            nonlocal current, generation
             os.kill(current, signal.SIGHUP)
             sender, message = notify.receive()
             self.assertEqual(sender, current)

@@ -15,7 +15,10 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, graceful_options, with_ephemeral_listeners, ServerProcess, free_port, http_get, pid_alive, pid_in
+from tests.e2e import (
+    REPO, TWISTD, ServerProcess, graceful_options, http_get, pid_alive, pid_in,
+    with_ephemeral_listeners,
+)
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 

@@ -25,7 +25,7 @@ import sys
 import time
 
 from twisted_graceful.metrics import read_status, status_path
-from twisted_graceful.pidfile import read_pid
+from twisted_graceful.pidfile import pid_alive, read_pid
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,23 +38,6 @@ POLL_INTERVAL = 0.05
 
 class NotRunning(Exception):
     pass
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split()[1]
-    except OSError:
-        pass
-    return True
 
 
 def running_pid(pidfile, alive=pid_alive):

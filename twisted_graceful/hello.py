@@ -5,8 +5,9 @@ requests with a heartbeat, and C{/healthz} for load balancers.
 
 import os
 
-from twisted.internet import task
 from twisted.web import resource, server
+
+from twisted_graceful.slow import SlowWork, heartbeat
 
 
 class ServerIdentity:
@@ -34,63 +35,28 @@ class ServerIdentity:
         return f"pid {self.pid} (generation {self.generation})"
 
 
-def heartbeat(message):
-    print(message, flush=True)
-
-
 class SlowRequest:
     """
-    Answer C{request} after C{seconds}, printing a heartbeat line every
-    second so a person watching sees which PID is still working.
+    Answer C{request} after C{seconds} of L{SlowWork}.
     """
 
     def __init__(self, reactor, identity, request, seconds, number, emit=heartbeat):
-        self.reactor = reactor
         self.identity = identity
         self.request = request
         self.seconds = seconds
-        self.number = number
-        self.emit = emit
-        self.elapsed = 0
-        self._loop = None
-        self._done = None
+        self.work = SlowWork(reactor, identity.pid, seconds, number, emit, what="request")
 
     def start(self):
-        self.emit(f"pid {self.identity.pid}: slow request #{self.number} started ({self.seconds} s)")
-        self.request.notifyFinish().addErrback(self._client_gone)
-        if self.seconds >= 1:
-            self._loop = task.LoopingCall(self._beat)
-            self._loop.clock = self.reactor
-            self._loop.start(1.0, now=False)
-        self._done = self.reactor.callLater(self.seconds, self._finish)
+        self.request.notifyFinish().addErrback(lambda _: self.work.client_gone())
+        self.work.start().addCallback(self._answer)
         return server.NOT_DONE_YET
 
-    def _beat(self):
-        self.elapsed += 1
-        if self.elapsed <= self.seconds:
-            self.emit(
-                f"pid {self.identity.pid}: slow request #{self.number} "
-                f"{self.elapsed}/{int(self.seconds)} s"
-            )
-
-    def _stop(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._done is not None and self._done.active():
-            self._done.cancel()
-
-    def _finish(self):
-        self._stop()
-        self.emit(f"pid {self.identity.pid}: slow request #{self.number} done")
+    def _answer(self, _):
         body = f"hello world from {self.identity} after a slow request of {self.seconds} s\n"
         self.request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         self.request.setHeader(b"content-length", b"%d" % len(body.encode()))
         self.request.write(body.encode())
         self.request.finish()
-
-    def _client_gone(self, reason):
-        self._stop()
-        self.emit(f"pid {self.identity.pid}: slow request #{self.number}: client went away")
 
 
 class HelloResource(resource.Resource):

@@ -38,6 +38,7 @@ from twisted.web import http, resource
 
 from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
 from twisted_graceful.listeners import describe_socket
+from twisted_graceful.pidfile import pid_alive
 
 RELOADS_ENV = "GRACEFUL_RELOADS"
 RELOAD_RESULTS = ("ok", "failed", "timeout")
@@ -88,7 +89,7 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
         processes[str(pid)] = entry
         if len(processes) > keep:
             gone = sorted(
-                (p for p in processes if p != str(pid) and not _alive(int(p))),
+                (p for p in processes if p != str(pid) and not pid_alive(int(p))),
                 key=lambda p: processes[p].get("updated_at") or 0,
             )
             for p in gone[: len(processes) - keep]:
@@ -100,18 +101,6 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
         os.replace(tmp, path)
     finally:
         os.close(lock)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False
-    return True
 
 
 class ProcessStatus:

@@ -9,6 +9,26 @@ if it still names that generation's own PID.
 import os
 
 
+def pid_alive(pid):
+    """
+    Is C{pid} a running process? A zombie (exited, not yet reaped) is not.
+    """
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except OSError:
+        pass
+    return True
+
+
 def read_pid(path):
     try:
         with open(path) as f:

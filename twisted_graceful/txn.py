@@ -14,12 +14,12 @@ that boundary is never executed (PITFALLS 12).
 import math
 import socket
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from twisted_graceful.drain import DrainableConnection
-from twisted_graceful.hello import heartbeat
+from twisted_graceful.slow import SlowWork, heartbeat
 from twisted_graceful.store import StoreBusy, TransactionFailed, apply_ops, parse_integer
 
 LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
@@ -439,9 +439,9 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
             self._reject(501, f"SLOW needs seconds from 0 to {MAX_SLOW_SECONDS}, "
                               f"not {_shorten(seconds)!r}")
             return
-        self._slow = SlowTransaction(
+        self._slow = SlowWork(
             self.factory.reactor, self.factory.identity.pid, value,
-            self.factory.next_slow_number(), self.factory.emit,
+            self.factory.next_slow_number(), self.factory.emit, what="transaction",
         )
 
         def finished(_):
@@ -483,56 +483,6 @@ def _shorten(text, limit=40):
 def _is_stream_socket(transport):
     sock = getattr(transport, "socket", None)
     return sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM
-
-
-class SlowTransaction:
-    """
-    Take C{seconds}, printing a heartbeat line every second naming the PID,
-    like the slow HTTP requests.
-    """
-
-    def __init__(self, reactor, pid, seconds, number, emit=heartbeat):
-        self.reactor = reactor
-        self.pid = pid
-        self.seconds = seconds
-        self.number = number
-        self.emit = emit
-        self.elapsed = 0
-        self._loop = None
-        self._call = None
-        self._done = defer.Deferred()
-
-    def start(self):
-        self.emit(f"pid {self.pid}: slow transaction #{self.number} started ({self.seconds:g} s)")
-        if self.seconds >= 1:
-            self._loop = task.LoopingCall(self._beat)
-            self._loop.clock = self.reactor
-            self._loop.start(1.0, now=False)
-        self._call = self.reactor.callLater(self.seconds, self._finish)
-        return self._done
-
-    def _beat(self):
-        self.elapsed += 1
-        if self.elapsed <= self.seconds:
-            self.emit(f"pid {self.pid}: slow transaction #{self.number} "
-                      f"{self.elapsed}/{int(self.seconds)} s")
-
-    def _stop(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-
-    def _finish(self):
-        self._stop()
-        self.emit(f"pid {self.pid}: slow transaction #{self.number} done")
-        self._done.callback(None)
-
-    def client_gone(self):
-        if self._done.called:
-            return
-        self._stop()
-        self.emit(f"pid {self.pid}: slow transaction #{self.number}: client went away")
 
 
 class TxnFactory(protocol.Factory):
