@@ -302,3 +302,62 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TAC = """
+from twisted.application import service
+from twisted.internet import defer, reactor
+from twisted_graceful import GracefulService, GracefulSite, metrics, self_test_request
+from twisted_graceful.hello import HelloResource, ServerIdentity
+
+{fault}
+
+application = service.Application("graceful-tac")
+graceful = GracefulService(reactor, pidfile={pidfile!r}, ready_timeout={ready_timeout},
+                           backoff_base=0.2)
+site = GracefulSite(HelloResource(reactor, ServerIdentity(graceful), slow_every=0),
+                    drain_tracker=graceful.tracker)
+graceful.add_listener("http", "tcp:0:interface=127.0.0.1", site)
+{metrics}
+graceful.add_readiness_check(lambda: self_test_request(reactor, site))
+{readiness}
+graceful.setServiceParent(application)
+"""
+
+
+class TacApp:
+    """
+    A .tac application using the library, run by `twistd -y`. Each deploy()
+    rewrites it, as a deploy of new code would: the next generation runs it.
+    """
+
+    def __init__(self, testcase, with_metrics=False, ready_timeout=3):
+        self.testcase = testcase
+        self.cwd = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.cwd)
+        self.tac = os.path.join(self.cwd, "app.tac")
+        self.pidfile = os.path.join(self.cwd, "twistd.pid")
+        self.with_metrics = with_metrics
+        self.ready_timeout = ready_timeout
+
+    def deploy(self, fault="", readiness=""):
+        """
+        @param fault: code that runs first (e.g. a raise: a broken deploy).
+        @param readiness: code after the listeners (e.g. a readiness check).
+        """
+        extra = ('metrics.install(graceful, "tcp:0:interface=127.0.0.1", http_site=site)'
+                 if self.with_metrics else "")
+        with open(self.tac, "w") as f:
+            f.write(TAC.format(fault=fault, readiness=readiness, pidfile=self.pidfile,
+                               ready_timeout=self.ready_timeout, metrics=extra))
+
+    def start(self):
+        """
+        Deploy the good version and start it; return (server, pid, ports).
+        """
+        self.deploy()
+        server = ServerProcess(self.testcase, ["--python", self.tac], cwd=self.cwd).start()
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        return server, pid, ports
+

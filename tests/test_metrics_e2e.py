@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, ServerProcess, http_get, pid_in
+from tests.e2e import REPO, TWISTD, ServerProcess, TacApp, http_get, pid_in
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -231,46 +231,17 @@ class PluginMetricsTests(unittest.TestCase):
         self.assertIn("--log-format must be one of text, json", result.stdout + result.stderr)
 
 
-TAC = """
-from twisted.application import service
-from twisted.internet import defer, reactor
-from twisted_graceful import GracefulService, GracefulSite, metrics, self_test_request
-from twisted_graceful.hello import HelloResource, ServerIdentity
-
-{fault}
-
-application = service.Application("graceful-tac")
-graceful = GracefulService(reactor, pidfile={pidfile!r}, ready_timeout={ready_timeout},
-                           backoff_base=0.2)
-site = GracefulSite(HelloResource(reactor, ServerIdentity(graceful), slow_every=0),
-                    drain_tracker=graceful.tracker)
-graceful.add_listener("http", "tcp:0:interface=127.0.0.1", site)
-metrics.install(graceful, "tcp:0:interface=127.0.0.1", http_site=site)
-graceful.add_readiness_check(lambda: self_test_request(reactor, site))
-{readiness}
-graceful.setServiceParent(application)
-"""
-
-
 class TacMetricsTests(unittest.TestCase):
     """
     Broken and never-ready upgrades of a .tac application using the library.
     """
 
     def deploy(self, fault="", readiness=""):
-        with open(self.tac, "w") as f:
-            f.write(TAC.format(fault=fault, readiness=readiness, pidfile=self.pidfile,
-                               ready_timeout=3))
+        self.app.deploy(fault, readiness)
 
     def setUp(self):
-        self.cwd = os.path.abspath(self.mktemp())
-        os.makedirs(self.cwd)
-        self.tac = os.path.join(self.cwd, "app.tac")
-        self.pidfile = os.path.join(self.cwd, "twistd.pid")
-        self.deploy()
-        self.server = ServerProcess(self, ["--python", self.tac], cwd=self.cwd).start()
-        self.pid, self.ports = self.server.wait_listening()
-        self.server.wait_ready(1)
+        self.app = TacApp(self, with_metrics=True)
+        self.server, self.pid, self.ports = self.app.start()
         self.m = self.ports["metrics"]
 
     def assertStillServing(self):
@@ -306,7 +277,7 @@ class TacMetricsTests(unittest.TestCase):
         self.assertIn("exited with status 1", last["error"])
         self.assertTrue(any("DATABASE_URL" in line for line in last["output_tail"]))
         # The same in the status file, without the metrics port.
-        out = run_command("status", "--pidfile", self.pidfile)
+        out = run_command("status", "--pidfile", self.app.pidfile)
         self.assertEqual(out.returncode, 0)
         self.assertIn("last upgrade failed", out.stdout)
         self.good_reload()
@@ -325,7 +296,7 @@ class TacMetricsTests(unittest.TestCase):
         self.assertIsInstance(child, int)
         self.assertNotEqual(child, self.pid)
         self.assertEqual(metric(self.m, "graceful_state", state="upgrading"), 1)
-        out = run_command("status", "--pidfile", self.pidfile)
+        out = run_command("status", "--pidfile", self.app.pidfile)
         self.assertIn(f"upgrading to pid {child}", out.stdout)
         self.server.wait_for(rf"Upgrade failed: pid {child} was not ready within 3(\.0)? s")
         self.assertStillServing()

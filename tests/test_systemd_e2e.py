@@ -20,7 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, ServerProcess, free_port, http_get, pid_alive, pid_in
+from tests.e2e import REPO, TWISTD, ServerProcess, free_port, http_get, pid_in
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 

@@ -16,7 +16,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import (
-    REPO, TWISTD, ServerProcess, graceful_options, http_get, pid_alive, pid_in,
+    REPO, TWISTD, ServerProcess, TacApp, graceful_options, http_get, pid_alive, pid_in,
     with_ephemeral_listeners,
 )
 
@@ -270,26 +270,6 @@ class SighupStormTests(unittest.TestCase):
         self.assertEqual(server.pids, {pid, new})
 
 
-TAC = """
-from twisted.application import service
-from twisted.internet import defer, reactor
-from twisted_graceful import GracefulService, GracefulSite, self_test_request
-from twisted_graceful.hello import HelloResource, ServerIdentity
-
-{fault}
-
-application = service.Application("graceful-tac")
-graceful = GracefulService(reactor, pidfile={pidfile!r}, ready_timeout={ready_timeout},
-                           backoff_base=0.2)
-site = GracefulSite(HelloResource(reactor, ServerIdentity(graceful), slow_every=0),
-                    drain_tracker=graceful.tracker)
-graceful.add_listener("http", "tcp:0:interface=127.0.0.1", site)
-graceful.add_readiness_check(lambda: self_test_request(reactor, site))
-{readiness}
-graceful.setServiceParent(application)
-"""
-
-
 class FailedUpgradeTests(unittest.TestCase):
     """
     New code that fails changes nothing: the old generation keeps serving and
@@ -298,19 +278,11 @@ class FailedUpgradeTests(unittest.TestCase):
     """
 
     def deploy(self, fault="", readiness=""):
-        with open(self.tac, "w") as f:
-            f.write(TAC.format(fault=fault, readiness=readiness, pidfile=self.pidfile,
-                               ready_timeout=3))
+        self.app.deploy(fault, readiness)
 
     def setUp(self):
-        self.cwd = os.path.abspath(self.mktemp())
-        os.makedirs(self.cwd)
-        self.tac = os.path.join(self.cwd, "app.tac")
-        self.pidfile = os.path.join(self.cwd, "twistd.pid")
-        self.deploy()
-        self.server = ServerProcess(self, ["--python", self.tac], cwd=self.cwd).start()
-        self.pid, self.ports = self.server.wait_listening()
-        self.server.wait_ready(1)
+        self.app = TacApp(self)
+        self.server, self.pid, self.ports = self.app.start()
 
     def assertStillServing(self):
         status, body, _ = http_get(self.ports["http"])
