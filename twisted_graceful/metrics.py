@@ -265,13 +265,17 @@ class GracefulMetrics:
         Count the requests C{site} finishes, by status class.
         """
         self._protocols.add(protocol)
-        for result in HTTP_RESULTS:
-            self.requests.labels(protocol, result)
+        # Children looked up once: labels() takes a lock and builds a key.
+        counters = {result: self.requests.labels(protocol, result) for result in HTTP_RESULTS}
         original = site.log
 
         def log(request):
             try:
-                self.requests.labels(protocol, f"{int(request.code) // 100}xx").inc()
+                result = f"{int(request.code) // 100}xx"
+                counter = counters.get(result)
+                if counter is None:
+                    counter = counters[result] = self.requests.labels(protocol, result)
+                counter.inc()
             finally:
                 original(request)
 
