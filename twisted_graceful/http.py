@@ -9,6 +9,9 @@ import socket
 from twisted.internet import defer, protocol
 from twisted.web import http, server
 
+# Looked up once: twisted.web.http is a deprecation proxy, slow to get attributes from.
+_GenericHTTPChannelProtocol = http._GenericHTTPChannelProtocol
+
 from twisted_graceful.drain import DrainableConnection
 
 LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
@@ -21,7 +24,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
     _closing = False
 
     def connectionMade(self):
-        http.HTTPChannel.connectionMade(self)
+        super().connectionMade()
         self.track(getattr(self.site, "drain_tracker", None))
 
     def in_transaction(self):
@@ -58,7 +61,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self.draining and self.drain_state != "open":
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
-        return http.HTTPChannel.checkPersistence(self, request, version)
+        return super().checkPersistence(request, version)
 
     def loseConnection(self):
         """
@@ -84,7 +87,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             if call is not None and call.active():
                 call.cancel()
         try:
-            http.HTTPChannel.connectionLost(self, reason)
+            super().connectionLost(reason)
         finally:
             self.untrack()
 
@@ -104,7 +107,7 @@ class GracefulSite(server.Site):
         self.drain_tracker = drain_tracker
 
     def protocol(self):
-        return http._GenericHTTPChannelProtocol(DrainableHTTPChannel())
+        return _GenericHTTPChannelProtocol(DrainableHTTPChannel())
 
 
 class _SelfTestClient(protocol.Protocol):

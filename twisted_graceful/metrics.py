@@ -30,13 +30,13 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.twisted import MetricsResource
 from twisted.logger import Logger
-from twisted.web import http, resource
+from twisted.web import resource
 
-from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
+from twisted_graceful.http import DrainableHTTPChannel, GracefulSite, _GenericHTTPChannelProtocol
 from twisted_graceful.listeners import describe_socket
 from twisted_graceful.pidfile import pid_alive
 
@@ -247,9 +247,11 @@ class GracefulMetrics:
             "graceful_drain_duration_seconds", "Drains: from the moment a generation stopped "
             "accepting to its last connection closed (the previous generation's drain is "
             "counted by its successor)", buckets=DRAIN_BUCKETS, registry=r)
-        self.requests = Counter(
-            "graceful_requests", "Finished HTTP requests by status class and transactions by "
-            "result (committed, aborted, error)", ["protocol", "result"], registry=r)
+        # (protocol, result) -> count, written in the reactor thread only; a
+        # collector copies it at scrape time. Cheaper per request than a
+        # prometheus Counter (no lock, no label lookup).
+        self.request_counts = {}
+        r.register(_RequestsCollector(self))
         self.cut = Counter(
             "graceful_connections_cut", "Connections aborted at the hard drain deadline",
             registry=r)
@@ -265,17 +267,18 @@ class GracefulMetrics:
         Count the requests C{site} finishes, by status class.
         """
         self._protocols.add(protocol)
-        # Children looked up once: labels() takes a lock and builds a key.
-        counters = {result: self.requests.labels(protocol, result) for result in HTTP_RESULTS}
+        counts = self.request_counts
+        keys = {}
+        for result in HTTP_RESULTS:
+            keys[int(result[0])] = key = (protocol, result)
+            counts[key] = 0
         original = site.log
 
         def log(request):
             try:
-                result = f"{int(request.code) // 100}xx"
-                counter = counters.get(result)
-                if counter is None:
-                    counter = counters[result] = self.requests.labels(protocol, result)
-                counter.inc()
+                status_class = int(request.code) // 100
+                key = keys.get(status_class) or (protocol, f"{status_class}xx")
+                counts[key] = counts.get(key, 0) + 1
             finally:
                 original(request)
 
@@ -287,9 +290,15 @@ class GracefulMetrics:
         Count the transactions of a L{TxnFactory} by result.
         """
         self._protocols.add(protocol)
+        counts = self.request_counts
         for result in TXN_RESULTS:
-            self.requests.labels(protocol, result)
-        factory.transaction_observer = lambda result: self.requests.labels(protocol, result).inc()
+            counts[(protocol, result)] = 0
+
+        def observe(result):
+            key = (protocol, result)
+            counts[key] = counts.get(key, 0) + 1
+
+        factory.transaction_observer = observe
         return factory
 
     def resource(self):
@@ -436,6 +445,28 @@ class _BeforeScrape:
         return []
 
 
+class _RequestsCollector:
+    """
+    C{graceful_requests_total}: finished HTTP requests by status class and
+    transactions by result, from L{GracefulMetrics.request_counts}.
+    """
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return [CounterMetricFamily("graceful_requests", "", labels=["protocol", "result"])]
+
+    def collect(self):
+        counts = dict(self.metrics.request_counts)  # one copy, atomic under the GIL
+        family = CounterMetricFamily(
+            "graceful_requests", "Finished HTTP requests by status class and transactions "
+            "by result (committed, aborted, error)", labels=["protocol", "result"])
+        for (protocol, result), value in sorted(counts.items()):
+            family.add_metric([protocol, result], value)
+        return [family]
+
+
 class _LiveCollector:
     """
     Gauges computed at scrape time: open connections and connections inside
@@ -527,7 +558,7 @@ class MetricsSite(GracefulSite):
     noisy = False
 
     def protocol(self):
-        return http._GenericHTTPChannelProtocol(_MetricsChannel())
+        return _GenericHTTPChannelProtocol(_MetricsChannel())
 
     def log(self, request):
         pass  # a scrape every few seconds is not worth a log line
