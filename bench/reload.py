@@ -25,7 +25,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
+# The twistd script installed with this interpreter (a `twistd` found on PATH
+# may be a version manager's shell shim, which this interpreter cannot run).
+_BESIDE = os.path.join(os.path.dirname(sys.executable), "twistd")
+TWISTD = _BESIDE if os.path.exists(_BESIDE) else shutil.which("twistd")
 LISTENING = re.compile(r"pid (\d+) generation (\d+): (?:listening on|inherited) (.*)$")
 
 FAILURE_KINDS = ("refused", "reset", "timeout", "bad_status", "lost_commit", "duplicate")
@@ -703,7 +706,63 @@ async def baselines(opts, run, workdir):
         finally:
             await fresh.stop()
     out["fresh_start_to_first_response"] = statistics.median(starts) if starts else None
+    if opts.instructions:
+        port = free_port()
+        bare_i = await instructions_per_request(
+            ["web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--class",
+             "bench.reload.BareHello"], cwd, opts.instructions, port)
+        port = free_port()
+        graceful_i = await instructions_per_request(
+            run.args(port, 0, os.path.join(cwd, "i.sqlite3")), cwd, opts.instructions, port)
+        if bare_i and graceful_i:
+            out["instructions_per_request"] = {"bare": bare_i, "graceful": graceful_i,
+                                               "ratio": bare_i / graceful_i}
     return out
+
+
+async def instructions_per_request(args, cwd, requests, port):
+    """
+    Instructions a server executes per keep-alive GET /, counted by callgrind
+    (repeatable where wall-clock throughput on a shared machine is not):
+    start it uninstrumented, switch instrumentation on once it answers, send
+    C{requests}, dump.
+    """
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if not valgrind or not control:
+        return None
+    out = os.path.join(cwd, f"callgrind.{port}")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = await asyncio.create_subprocess_exec(
+        valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+        os.path.realpath(sys.executable), TWISTD, "--nodaemon", "--pidfile=", *args,
+        cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await first_answer(port, 600)
+        on = await asyncio.create_subprocess_exec(control, "-i", "on", str(proc.pid),
+                                                  stdout=asyncio.subprocess.DEVNULL,
+                                                  stderr=asyncio.subprocess.DEVNULL)
+        await on.wait()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(requests):
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            await asyncio.wait_for(read_http_response(reader), 120)
+        writer.close()
+        dump = await asyncio.create_subprocess_exec(control, "-d", str(proc.pid),
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        await dump.wait()
+    finally:
+        proc.terminate()
+        await proc.wait()
+    total = 0
+    for name in os.listdir(cwd):
+        if name.startswith(os.path.basename(out)):
+            with open(os.path.join(cwd, name)) as f:
+                for line in f:
+                    if line.startswith("summary:"):
+                        total += int(line.split()[1])
+    return total / requests if total else None
 
 
 async def wait_port(port, timeout=60):
@@ -820,6 +879,10 @@ def print_report(report, out=sys.stdout):
           f"{fmt(b.get('bare_rps'), 0)} req/s ({b.get('load_tool')}, medians): ratio "
           f"{fmt(b.get('throughput_ratio'), 3)} (median of rounds "
           f"{', '.join(fmt(r, 3) for r in b.get('throughput_ratios', []))})\n")
+        i = b.get("instructions_per_request")
+        if i:
+            w(f"instructions per request (callgrind): graceful {i['graceful']:,.0f}, bare "
+              f"{i['bare']:,.0f}: throughput ratio by instructions {i['ratio']:.3f}\n")
         w(f"fresh twistd graceful, start to first response: "
           f"{fmt((b.get('fresh_start_to_first_response') or 0) * 1000, 0)} ms\n")
     w("\n| strategy | upgrades | done | failed | refused | reset | timeout | bad status | "
@@ -885,8 +948,12 @@ def targets(report):
             out["handover median <= 1.5 x fresh start"] = (
                 ratio <= 1.5, f"{med:.0f} ms / {fresh * 1000:.0f} ms = {ratio:.2f}")
         if b.get("throughput_ratio"):
-            out["throughput >= 0.95 x bare twistd web"] = (
+            out["throughput >= 0.95 x bare twistd web (wall clock, median of rounds)"] = (
                 b["throughput_ratio"] >= 0.95, f"{b['throughput_ratio']:.3f}")
+        i = b.get("instructions_per_request")
+        if i:
+            out["throughput >= 0.95 x bare twistd web (instructions per request)"] = (
+                i["ratio"] >= 0.95, f"{i['ratio']:.3f}")
         p99s, p99u = s["latency_steady_ms"]["p99"], s["latency_upgrade_ms"]["p99"]
         if p99s and p99u:
             out["p99 in upgrade <= 3 x steady p99"] = (
@@ -946,6 +1013,9 @@ def parse_args(argv=None):
                    help="interleaved bare/graceful throughput rounds (median ratio)")
     p.add_argument("--fresh-starts", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--instructions", type=int, default=2000,
+                   help="requests counted under callgrind for instructions per request, "
+                        "bare vs graceful (0: skip; needs valgrind)")
     p.add_argument("--wrk-upgrades", type=int, default=20,
                    help="upgrades under wrk keep-alive load (0: skip; needs wrk)")
     p.add_argument("--max-seconds", type=float, default=1800, help="bound on the whole run")

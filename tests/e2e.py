@@ -17,7 +17,10 @@ import time
 
 from twisted_graceful.pidfile import pid_alive  # noqa: F401 (tests import it from here)
 
-TWISTD = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
+# The twistd script installed with this interpreter (a `twistd` found on PATH
+# may be a version manager's shell shim, which this interpreter cannot run).
+_BESIDE = os.path.join(os.path.dirname(sys.executable), "twistd")
+TWISTD = _BESIDE if os.path.exists(_BESIDE) else shutil.which("twistd")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = re.compile(r"pid (\d+) generation (\d+): (?:listening on|inherited) (.*)$")
