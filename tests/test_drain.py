@@ -113,6 +113,34 @@ class DrainTrackerTests(unittest.SynchronousTestCase):
         self.assertIn("in a transaction", results[0].cut[0])
         self.assertIn("1 cut at the deadline", results[0].summary())
 
+    def test_hard_deadline_waits_for_a_commit_reply(self):
+        """
+        A connection whose commit is being written is not cut: the drain ends
+        when it closes after its reply.
+        """
+        conn = FakeConnection(self.tracker, busy=True)
+        conn.abort_connection = lambda: False
+        results = self.drain(mode=TRANSACTION, timeout=10, abort_grace=5)
+        self.clock.advance(10)
+        self.clock.advance(5)
+        self.assertEqual(results, [])
+        self.assertFalse(conn.transport.aborted)
+        conn.untrack()  # the reply went out, the connection closed
+        self.assertEqual(len(results), 1)
+        self.assertEqual(results[0].cut, [])
+
+    def test_waiting_for_a_commit_reply_is_bounded(self):
+        from twisted_graceful.drain import COMMIT_REPLY_WAIT
+
+        conn = FakeConnection(self.tracker, busy=True)
+        conn.abort_connection = lambda: False
+        results = self.drain(mode=TRANSACTION, timeout=10, abort_grace=5)
+        self.clock.advance(10)
+        self.clock.advance(5)
+        self.clock.advance(COMMIT_REPLY_WAIT)
+        self.assertTrue(conn.transport.aborted)
+        self.assertEqual(len(results[0].cut), 1)
+
     def test_drain_twice_returns_the_same_result(self):
         FakeConnection(self.tracker, busy=True).busy = True
         first, second = self.drain(), self.drain()

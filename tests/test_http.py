@@ -127,6 +127,23 @@ class DrainableChannelTests(unittest.SynchronousTestCase):
         self.assertEqual(len(results[0].cut), 1)
         self.assertIn("http connection", results[0].cut[0])
 
+    def test_hard_deadline_waits_for_a_request_whose_commit_is_in_the_store(self):
+        proto, transport = self.connect()
+        proto.dataReceived(GET_HELD)
+        request = self.held.requests[0]
+        request.committing = True
+        results = self.drain(timeout=10, abort_grace=5)
+        self.clock.advance(10)
+        self.clock.advance(5)
+        self.assertFalse(getattr(transport, "aborting", False) or transport.disconnecting)
+        request.committing = False
+        request.write(b"committed txid=7")
+        request.finish()
+        self.assertIn(b"committed txid=7", transport.value())
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(results[0].cut, [])
+
     def test_healthz_says_draining(self):
         proto, transport = self.connect()
         proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -13,6 +13,8 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
+COMMIT_REPLY_WAIT = 10.0  # the most the hard deadline waits for a commit's reply
+
 TRANSACTION = "transaction"
 CONNECTION = "connection"
 DRAIN_MODES = (TRANSACTION, CONNECTION)
@@ -48,8 +50,15 @@ class DrainableConnection:
         raise NotImplementedError()
 
     def abort_connection(self):
+        """
+        The hard deadline. Cut the connection and return True; or, when a
+        commit is already in the database and its reply is on the way, return
+        False and close right after that reply (cutting it would make the
+        client retry work that was done).
+        """
         self.drain_state = "aborted"
         self.transport.abortConnection()
+        return True
 
     def describe(self):
         peer = getattr(self.transport, "getPeer", lambda: "?")()
@@ -225,14 +234,24 @@ class DrainTracker:
         self._close_all_at_boundary(idle_grace=0)
         self._calls.append(self._reactor.callLater(abort_grace, self._abort_all))
 
-    def _abort_all(self):
+    def _abort_all(self, last_call=None):
+        waiting = []
         for conn in list(self._connections):
             description = conn.describe()
+            if last_call is None and conn.abort_connection() is False:
+                self.log.warn("{conn}: its commit is being written; closing after its reply",
+                              conn=description)
+                waiting.append(conn)
+                continue
+            if last_call is not None:
+                conn.transport.abortConnection()
             self.report.cut.append(description)
             self.log.warn("Cutting {conn} at the hard drain deadline", conn=description)
-            conn.abort_connection()
             # abortConnection reports connectionLost later; do not wait for it.
             self.remove(conn)
+        if waiting and last_call is None:
+            # A commit takes at most the store's busy timeout; do not wait forever.
+            self._calls.append(self._reactor.callLater(COMMIT_REPLY_WAIT, self._abort_all, True))
 
     def _check_done(self):
         if self._done is None or self._done.called or self._connections:

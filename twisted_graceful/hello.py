@@ -231,11 +231,13 @@ class KVResource(resource.Resource):
         request.notifyFinish().addErrback(gone.append)
 
         def committed(result):
+            request.committing = False
             if not gone:
                 request.write(f"committed txid={result.txid} {key}={result.values[key]}\n".encode())
                 request.finish()
 
         def failed(failure):
+            request.committing = False
             if gone:
                 return
             if failure.check(TransactionFailed):
@@ -245,5 +247,8 @@ class KVResource(resource.Resource):
             request.write(f"not committed: {failure.getErrorMessage()}\n".encode())
             request.finish()
 
+        # Marked for the drain's hard deadline: cutting the connection now
+        # would hide a commit that happens anyway.
+        request.committing = True
         self.store.commit(ops).addCallbacks(committed, failed)
         return server.NOT_DONE_YET

@@ -57,6 +57,16 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if not self.requests:
             self.loseConnection()
 
+    def abort_connection(self):
+        """
+        Cut at the hard deadline, unless a request's commit is already in the
+        store: then its response goes out and the connection closes after it.
+        """
+        if any(getattr(request, "committing", False) for request in self.requests):
+            self.drain_state = "aborted"
+            return False
+        return super().abort_connection()
+
     def checkPersistence(self, request, version):
         if self.draining and self.drain_state != "open":
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])

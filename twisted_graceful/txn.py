@@ -126,8 +126,9 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
             self._slow.client_gone()
         if self._committing:
             self._close_after_reply = True
-            return
+            return False
         self.transport.abortConnection()
+        return True
 
     def _at_boundary(self):
         if self._close_requested and not self._closing and not self._lost \
@@ -301,10 +302,10 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
     def _done(self, reply):
         self._busy = False
         self._committing = False
-        self._reply(*reply)
         if self._close_after_reply:
-            self.transport.loseConnection()
+            self._close(*reply)  # the reply, then close in stages: no reset erases it
             return
+        self._reply(*reply)
         if self._lost or self._closing:
             return
         self.setTimeout(self.idle_timeout or None)
