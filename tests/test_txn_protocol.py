@@ -16,7 +16,8 @@ from twisted.trial import unittest
 
 from twisted_graceful.drain import CONNECTION, TRANSACTION, DrainTracker
 from twisted_graceful.store import CommitResult, Store, StoreBusy, apply_ops, keys_of
-from twisted_graceful.txn import LINGER_SECONDS, TxnFactory
+from twisted_graceful.drain import LINGER_SECONDS
+from twisted_graceful.txn import TxnFactory
 
 
 class FakeIdentity:

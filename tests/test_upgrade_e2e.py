@@ -239,6 +239,9 @@ class NothingRefusedTests(unittest.TestCase):
                 time.sleep(0.01)
             server.signal(current, signal.SIGHUP)
             current = server.wait_handover(generation)
+        deadline = time.monotonic() + 30
+        while current not in {p for _, p in results[-50:]} and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the last generation has answered too
         stop.set()
         thread.join(150)
         self.assertGreaterEqual(len(results), 500)
@@ -310,7 +313,7 @@ class FailedUpgradeTests(unittest.TestCase):
     def test_child_never_ready(self):
         self.deploy(readiness="graceful.add_readiness_check(lambda: defer.Deferred())")
         self.server.signal(self.pid, signal.SIGHUP)
-        _, m = self.server.wait_for(r"Upgrade failed: pid (\d+) was not ready within 3(\.0)? s; killed it")
+        _, m = self.server.wait_for(r"Upgrade failed: pid (\d+) was not ready within 3(\.0)? s; stopped it")
         child = int(m.group(1))
         deadline = time.monotonic() + 10
         while pid_alive(child) and time.monotonic() < deadline:
@@ -331,6 +334,42 @@ def listener_names():
 
 # The listeners after http in a GRACEFUL_LISTENERS value, at fds never open.
 OTHERS = ",".join(f"{name}={90 + i}" for i, name in enumerate(listener_names()[1:])) or "x=99"
+
+
+class OrphanedChildTests(unittest.TestCase):
+    def test_child_takes_over_when_its_parent_dies_before_it_is_ready(self):
+        """
+        The old generation is killed while the new one gets ready: the new one
+        serves anyway, writes the pidfile itself and says so.
+        """
+        app = TacApp(self, ready_timeout=30)
+        server, pid, ports = app.start()
+        release = os.path.join(app.cwd, "release")
+        app.deploy(readiness=(
+            "import os\n"
+            "def _released():\n"
+            f"    if not os.path.exists({release!r}):\n"
+            "        raise RuntimeError('waiting for the test')\n"
+            "graceful.add_readiness_check(_released)"))
+        server.signal(pid, signal.SIGHUP)
+        _, m = server.wait_for(r"spawned generation 2 as pid (\d+)")
+        child = int(m.group(1))
+        server.wait_for(rf"pid {child} generation 2: readiness check failed")
+        os.kill(pid, signal.SIGKILL)
+        with open(release, "w"):
+            pass
+        server.wait_for(rf"pid {child} generation 2: the previous generation \(pid {pid}\) is "
+                        rf"gone .*serving on our own")
+        self.assertEqual(server.wait_pidfile(child), child)
+        status, body, _ = http_get(ports["http"])
+        self.assertEqual((status, pid_in(body)), (200, child))
+        server.pids.add(child)
+        server.signal(child, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while pid_alive(child):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        self.assertFalse(os.path.exists(app.pidfile))
 
 
 class BadInputTests(unittest.TestCase):

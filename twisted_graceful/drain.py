@@ -8,11 +8,13 @@ L{DrainableConnection}; the tracker decides I{when}, the protocol knows I{how}
 to close at its own transaction boundary.
 """
 
+import socket
 import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
 COMMIT_REPLY_WAIT = 10.0  # the most the hard deadline waits for a commit's reply
 
 TRANSACTION = "transaction"
@@ -76,6 +78,25 @@ def _peer_text(peer):
         return f"{host}:{peer.port}"
     name = getattr(peer, "name", None)
     return str(name or peer)
+
+
+def close_in_stages(transport, call_later, linger=LINGER_SECONDS):
+    """
+    Flush, half-close, and let the peer's FIN (or C{linger} seconds) end the
+    connection: closing a socket with unread input sends a reset, which can
+    erase the last reply before the client reads it (PITFALLS 11). The caller
+    drops what is read meanwhile.
+
+    @return: the delayed call that closes for good, or L{None} if the
+        transport closed at once (it cannot half-close).
+    """
+    sock = getattr(transport, "socket", None)
+    if (sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM
+            and hasattr(transport, "loseWriteConnection")):
+        transport.loseWriteConnection()
+        return call_later(linger, transport.loseConnection)
+    transport.loseConnection()
+    return None
 
 
 class DrainReport:

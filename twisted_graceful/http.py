@@ -12,9 +12,8 @@ from twisted.web import http, server
 # Looked up once: twisted.web.http is a deprecation proxy, slow to get attributes from.
 _GenericHTTPChannelProtocol = http._GenericHTTPChannelProtocol
 
-from twisted_graceful.drain import DrainableConnection
+from twisted_graceful.drain import DrainableConnection, close_in_stages
 
-LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
 
 
 class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
@@ -86,11 +85,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             self._idle_close.cancel()
         self._networkProducer.unregisterProducer()
         self.dataReceived = self.lineReceived = self.rawDataReceived = lambda *a: None
-        if hasattr(self.transport, "loseWriteConnection") and _is_stream_socket(self.transport):
-            self.transport.loseWriteConnection()
-            self._lingering = self.callLater(LINGER_SECONDS, self.transport.loseConnection)
-        else:
-            self.transport.loseConnection()
+        self._lingering = close_in_stages(self.transport, self.callLater)
 
     def connectionLost(self, reason):
         for call in (self._idle_close, self._lingering):
@@ -100,11 +95,6 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             super().connectionLost(reason)
         finally:
             self.untrack()
-
-
-def _is_stream_socket(transport):
-    sock = getattr(transport, "socket", None)
-    return sock is not None and sock.type == socket.SOCK_STREAM
 
 
 class GracefulSite(server.Site):
@@ -160,8 +150,13 @@ def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
     finally:
         ours.close()
         theirs.close()
-    timer = reactor.callLater(timeout, lambda: done.called or done.errback(
-        defer.TimeoutError(f"no answer to the HTTP self-test within {timeout} s")))
+    def timed_out():
+        if not done.called:
+            done.errback(defer.TimeoutError(f"no answer to the HTTP self-test within {timeout} s"))
+            if client.transport is not None:
+                client.transport.abortConnection()  # and the server side with it
+
+    timer = reactor.callLater(timeout, timed_out)
 
     def check(response):
         if timer.active():

@@ -274,3 +274,28 @@ def describe_socket(sock):
     if sock.family == socket.AF_INET6:
         return f"tcp6:[{name[0]}]:{name[1]}"
     return f"tcp:{name[0]}:{name[1]}"
+
+
+def address_mismatch(spec, sock):
+    """
+    Where C{sock} listens, if that is not what C{spec} asks for (a port of 0
+    matches any port); else L{None}. A running server cannot move a listener:
+    the new address needs a restart, not an upgrade.
+    """
+    if spec.kind == "systemd":
+        return None
+    name = sock.getsockname()
+    if spec.kind == "unix":
+        path = name.decode() if isinstance(name, bytes) else name
+        return None if os.path.abspath(path) == spec.path else describe_socket(sock)
+    host, port = name[0], name[1]
+    wanted_host = spec.host
+    try:
+        same_host = socket.inet_pton(sock.family, host) == socket.inet_pton(sock.family,
+                                                                            wanted_host)
+    except OSError:
+        same_host = host == wanted_host
+    if not same_host or (spec.port and port != spec.port):
+        return describe_socket(sock)
+    return None
+

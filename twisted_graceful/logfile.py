@@ -9,6 +9,7 @@ lands at the current end of the file, whoever makes it.
 
 import fcntl
 import os
+import weakref
 
 _patched = False
 
@@ -34,6 +35,19 @@ def append_to_logfiles():
     def _openFile(self):
         original(self)
         set_append(self._file.fileno())
+        _open_logfiles.add(self)
 
     logfile.BaseLogFile._openFile = _openFile
     _patched = True
+
+
+_open_logfiles = weakref.WeakSet()
+
+
+def stop_rotating():
+    """
+    Once the next generation writes to the same file, only it may rotate it:
+    two processes renaming one log would overwrite each other's files.
+    """
+    for logfile in list(_open_logfiles):
+        logfile.rotateLength = None

@@ -119,12 +119,17 @@ class SdNotifier:
         if handler is not None:
             handler(**details)
 
-    def on_serving(self, generation, inherited=False):
+    def on_serving(self, generation, inherited=False, orphaned=False):
         if inherited:
             # Started by our own handoff: the previous generation announces
             # us with MAINPID= and READY=1 once it has handed over.
             return
-        self.send("READY=1", _status(f"serving as PID {self.pid} (generation {generation})"))
+        status = _status(f"serving as PID {self.pid} (generation {generation})")
+        if orphaned:
+            # The previous generation died before it could announce us.
+            self.send(f"MAINPID={self.pid}", "READY=1", status)
+        else:
+            self.send("READY=1", status)
 
     def on_upgrade_started(self, child_pid):
         self.send(

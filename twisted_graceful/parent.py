@@ -8,7 +8,8 @@ import collections
 import os
 import signal
 
-from twisted.internet import error, protocol
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
 
 from twisted_graceful import handoff
 from twisted_graceful.child import parse_ready_message
@@ -24,7 +25,13 @@ class NextGenerationProcess(protocol.ProcessProtocol):
     @ivar on_failed: called with a sentence saying how it failed.
     """
 
-    def __init__(self, on_ready, on_failed, relay=True):
+    log = Logger()
+
+    def __init__(self, on_ready, on_failed, relay=True, reactor=None, kill_grace=5.0):
+        self.reactor = reactor
+        self.kill_grace = kill_grace
+        self.ended = defer.Deferred()
+        self._kill_timer = None
         self.on_ready = on_ready
         self.on_failed = on_failed
         self.relay = relay
@@ -84,15 +91,27 @@ class NextGenerationProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self.finished = True
+        if self._kill_timer is not None and self._kill_timer.active():
+            self._kill_timer.cancel()
         value = reason.value
         if isinstance(value, error.ProcessTerminated) and value.signal is not None:
-            name = signal.Signals(value.signal).name if value.signal in signal.Signals._value2member_map_ else value.signal
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = f"signal {value.signal}"
             self.exit_description = f"was killed by {name}"
         else:
             code = getattr(value, "exitCode", 0)
             self.exit_description = f"exited with status {code}"
         if not self.ready:
             self.fail(self.exit_description)
+        elif self.exit_description != "exited with status 0":
+            # It took over and died: nothing accepts on the listeners now.
+            self.log.critical(
+                "pid {pid}, the generation this process handed over to, {how}; the listeners "
+                "have no process accepting on them until a new one is started",
+                pid=self.pid, how=self.exit_description)
+        self.ended.callback(self.exit_description)
 
     def fail(self, how):
         if self._failure_reported or self.ready:
@@ -101,10 +120,24 @@ class NextGenerationProcess(protocol.ProcessProtocol):
         self.on_failed(how)
 
     def kill(self):
+        """
+        Stop an unready child: SIGTERM (if it started accepting in the instant
+        before we gave up on it, it drains like any generation), SIGKILL if it
+        is still there C{kill_grace} seconds later.
+        """
+        if self.finished:
+            return
+        self._signal("TERM")
+        if self.reactor is not None and self._kill_timer is None:
+            self._kill_timer = self.reactor.callLater(self.kill_grace, self._signal, "KILL")
+        elif self.reactor is None:
+            self._signal("KILL")
+
+    def _signal(self, name):
         if self.finished:
             return
         try:
-            self.transport.signalProcess("KILL")
+            self.transport.signalProcess(name)
         except error.ProcessExitedAlready:
             pass
 

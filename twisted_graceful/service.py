@@ -30,11 +30,12 @@ from twisted_graceful.command import next_generation_command, twistd_config_from
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
 from twisted_graceful.listeners import (
     ListenerError,
+    address_mismatch,
     bind_listener,
     describe_socket,
     parse_listen_description,
 )
-from twisted_graceful.logfile import append_to_logfiles
+from twisted_graceful.logfile import append_to_logfiles, stop_rotating
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 from twisted_graceful.pidfile import protect_twistd_pidfile, remove_pidfile_if_own, write_pidfile
 from twisted_graceful.upgrader import HANDED_OVER, SHUTTING_DOWN, UPGRADING, Upgrader
@@ -74,6 +75,16 @@ class Inheritance:
             generation = handoff.inherit_generation(environ)
             timeout = handoff.inherit_ready_timeout(environ)
             sockets = handoff.inherit_listeners(environ, wanted)
+            for name, spec in specs.items():
+                actual = address_mismatch(spec, sockets[name])
+                if actual is not None:
+                    for sock in sockets.values():
+                        sock.close()
+                    raise handoff.HandoffError(
+                        f"{options.get(name, name)} {spec.description}: the previous generation "
+                        f"listens on {actual}; an upgrade cannot move a listener (restart the "
+                        f"server to change its address)"
+                    )
             try:
                 ready_fd = handoff.inherit_ready_fd(environ)
                 stdio = handoff.inherit_stdio_fds(environ)
@@ -166,6 +177,7 @@ class GracefulService(service.MultiService):
             observers=[self._upgrader_event],
         )
         self.ready = False
+        self.orphaned = False
         self.started_at = None
         self.drain_report = None
         self._ready_waiters = []
@@ -254,21 +266,25 @@ class GracefulService(service.MultiService):
         self.upgrader.generation = inh.generation
         if inh.pidfile:
             self.pidfile = inh.pidfile
-        if inh.ready_timeout:
-            self.ready_timeout = inh.ready_timeout
         return inh
 
     def privilegedStartService(self):
         self.acquire()
+        # twistd has written the pidfile by now: a SIGHUP must not kill us
+        # (its default action) before startService.
+        self._install_sighup()
         service.MultiService.privilegedStartService(self)
+
+    def _install_sighup(self):
+        if self.install_signal_handlers and self._previous_sighup is None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
 
     def startService(self):
         inh = self.acquire()
         self.started_at = self.reactor.seconds()
         service.MultiService.startService(self)
         protect_twistd_pidfile()
-        if self.install_signal_handlers:
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        self._install_sighup()
         for listener in self.listeners.values():
             sock = inh.sockets[listener.name]
             listener.port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, listener.factory)
@@ -292,14 +308,17 @@ class GracefulService(service.MultiService):
                 f"{l.name}={describe_socket(l.port.socket)}" for l in self.listeners.values()
             ),
         )
-        self._become_ready()
+        self._become_ready().addErrback(self._log_startup_failure)
 
     def _sighup(self, signum, frame):
         self.reactor.callFromThread(self.upgrade, "SIGHUP")
 
     @defer.inlineCallbacks
     def _become_ready(self):
-        deadline = self.reactor.seconds() + self.ready_timeout * 0.9
+        # Our own deadline is the one our parent waits for; what we give our
+        # child is our own --ready-timeout.
+        timeout = self.inheritance.ready_timeout or self.ready_timeout
+        deadline = self.reactor.seconds() + timeout * 0.9
         delay = 0.1
         attempt = 1
         while True:
@@ -339,15 +358,43 @@ class GracefulService(service.MultiService):
                 pid=os.getpid(), gen=self.generation,
                 ms=(self.reactor.seconds() - self.started_at) * 1000, parent=inh.parent_pid,
             )
-            ReadyPipe(inh.ready_fd).signal_ready()
+            try:
+                ReadyPipe(inh.ready_fd).signal_ready()
+            except OSError as e:
+                self._orphaned(e)
             inh.ready_fd = None
         else:
             self.log.info("pid {pid} generation {gen}: serving", pid=os.getpid(),
                           gen=self.generation)
-        self._tell("serving", generation=self.generation, inherited=inh.source == "inherited")
+        self._tell("serving", generation=self.generation,
+                   inherited=inh.source == "inherited" and not self.orphaned,
+                   orphaned=self.orphaned)
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             d.callback(self)
+
+    def _orphaned(self, error):
+        """
+        The generation that started us is gone (killed while we were getting
+        ready): nobody will hand the pidfile over, so take it ourselves.
+        """
+        self.orphaned = True
+        self.log.critical(
+            "pid {pid} generation {gen}: the previous generation (pid {parent}) is gone "
+            "({err}); serving on our own{pidfile}",
+            pid=os.getpid(), gen=self.generation, parent=self.inheritance.parent_pid,
+            err=error, pidfile=f" and writing {self.pidfile}" if self.pidfile else "",
+        )
+        if self.pidfile:
+            try:
+                write_pidfile(self.pidfile, os.getpid())
+            except OSError as e:
+                self.log.error("could not write the pidfile {path}: {err}", path=self.pidfile,
+                               err=e)
+
+    def _log_startup_failure(self, failure):
+        self.log.failure("pid {pid} generation {gen}: could not become ready", failure,
+                         pid=os.getpid(), gen=self.generation)
 
     # --- upgrade ----------------------------------------------------------
     def upgrade(self, reason="upgrade requested"):
@@ -369,18 +416,31 @@ class GracefulService(service.MultiService):
 
     def _start_child(self, on_ready, on_failed):
         executable, args = self._next_command()
-        proto = NextGenerationProcess(on_ready, on_failed, relay=self.relay_output)
+        proto = NextGenerationProcess(on_ready, on_failed, relay=self.relay_output,
+                                      reactor=self.reactor, kill_grace=self.abort_grace)
         spawn_next_generation(
             self.reactor, proto, executable, args,
             OrderedDict((n, l.port.fileno()) for n, l in self.listeners.items()),
-            self.environ, self.generation + 1, self.pidfile, self.ready_timeout, self.cwd,
+            self.environ, self.generation + 1, self.pidfile, self.upgrader.ready_timeout,
+            self.cwd,
         )
         return proto
 
     def _hand_over(self, child_pid):
         self.stop_accepting()
+        # The next generation writes to the same log file from now on; only
+        # one process may rotate it.
+        stop_rotating()
         if self.pidfile:
-            write_pidfile(self.pidfile, child_pid)
+            try:
+                write_pidfile(self.pidfile, child_pid)
+            except OSError as e:
+                self.log.error(
+                    "pid {pid} generation {gen}: could not write pid {child} to {path}: {err}; "
+                    "the handover goes on (signal pid {child} directly)",
+                    pid=os.getpid(), gen=self.generation, child=child_pid, path=self.pidfile,
+                    err=e,
+                )
         self.log.info(
             "pid {pid} generation {gen}: stopped accepting; pid {child} (generation {next}) "
             "serves now{pidfile}; draining",
@@ -406,6 +466,8 @@ class GracefulService(service.MultiService):
 
     # --- stop -------------------------------------------------------------
     def stopService(self):
+        # An unready child this shutdown abandons (not the one we handed over to).
+        abandoned = self.upgrader.child if self.upgrader.state == UPGRADING else None
         if self.upgrader.state != HANDED_OVER:
             self.upgrader.shutting_down()
             self.log.info(
@@ -414,9 +476,14 @@ class GracefulService(service.MultiService):
             )
             self.stop_accepting()
             self._tell("shutting-down")
-        if self.install_signal_handlers and self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if self.install_signal_handlers:
+            # The reactor is stopping already: its own handlers would raise.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._signal_while_draining)
         d = self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace)
+        if abandoned is not None and not abandoned.finished:
+            # Wait for it too: it gets SIGTERM, then SIGKILL after --abort-grace.
+            d = defer.gatherResults([d, abandoned.ended]).addCallback(lambda results: results[0])
 
         def drained(report):
             self.drain_report = report
@@ -431,6 +498,17 @@ class GracefulService(service.MultiService):
         d.addBoth(self._release_pidfile)
         return d
 
+    def _signal_while_draining(self, signum, frame):
+        self.reactor.callFromThread(self._already_draining, signal.Signals(signum).name)
+
+    def _already_draining(self, name):
+        self.log.warn(
+            "pid {pid} generation {gen}: {name} ignored: already draining {n} connection(s); "
+            "the drain ends by --drain-timeout ({t} s) plus --abort-grace ({g} s) at the latest",
+            pid=os.getpid(), gen=self.generation, name=name, n=len(self.tracker),
+            t=self.drain_timeout, g=self.abort_grace,
+        )
+
     def _release_pidfile(self, result):
         if self.pidfile and self.inheritance is not None and self.inheritance.source == "inherited":
             remove_pidfile_if_own(self.pidfile)
@@ -444,7 +522,6 @@ class _Closed:
 
     def __init__(self, port):
         self.socket = port.socket
-        self._fileno = -1
 
     def fileno(self):
         return -1

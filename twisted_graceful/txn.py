@@ -12,17 +12,15 @@ that boundary is never executed (PITFALLS 12).
 """
 
 import math
-import socket
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from twisted_graceful.drain import DrainableConnection
+from twisted_graceful.drain import DrainableConnection, close_in_stages
 from twisted_graceful.slow import SlowWork, heartbeat
 from twisted_graceful.store import StoreBusy, TransactionFailed, apply_ops, parse_integer
 
-LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
 MAX_KEY_LENGTH = 250
 MAX_SLOW_SECONDS = 3600
 
@@ -159,15 +157,10 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
         self.setTimeout(None)
         self._buffer = bytearray()
         self._discarding = False
-        transport = self.transport
-        if _is_stream_socket(transport) and hasattr(transport, "loseWriteConnection"):
-            if self._paused:
-                self._paused = False
-                transport.resumeProducing()  # read (and drop) until the peer's FIN
-            transport.loseWriteConnection()
-            self._linger = self.callLater(LINGER_SECONDS, transport.loseConnection)
-        else:
-            transport.loseConnection()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()  # read (and drop) until the peer's FIN
+        self._linger = close_in_stages(self.transport, self.callLater)
 
     # --- input ---------------------------------------------------------
     def dataReceived(self, data):
@@ -479,11 +472,6 @@ def _store_error(failure):
 
 def _shorten(text, limit=40):
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _is_stream_socket(transport):
-    sock = getattr(transport, "socket", None)
-    return sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM
 
 
 class TxnFactory(protocol.Factory):

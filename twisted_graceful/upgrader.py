@@ -178,7 +178,8 @@ class Upgrader:
         child.kill()
         self._failed(
             "timeout", child.pid,
-            f"pid {child.pid} was not ready within {self.ready_timeout} s; killed it",
+            f"pid {child.pid} was not ready within {self.ready_timeout} s; stopped it "
+            f"(SIGTERM, then SIGKILL if it lingers)",
             child.output_tail(),
         )
 
