@@ -364,3 +364,17 @@ class TacApp:
         server.wait_ready(1)
         return server, pid, ports
 
+
+class ClearErrorMixin:
+    """
+    For tests of bad input: the command failed, said so in words containing
+    each fragment, and printed no traceback.
+    """
+
+    def assertClearError(self, result, *fragments):
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        for fragment in fragments:
+            self.assertIn(fragment, output)
+

@@ -20,7 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, ServerProcess, free_port, http_get, pid_in
+from tests.e2e import REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, http_get, pid_in
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
@@ -311,7 +311,7 @@ os.execve(sys.executable, [sys.executable] + sys.argv[2:], env)
 """
 
 
-class BadValueTests(unittest.TestCase):
+class BadValueTests(ClearErrorMixin, unittest.TestCase):
     """
     Crafted socket activation variables and descriptors, as a broken unit
     file or wrapper would give them: each is a clear error, no traceback.
@@ -331,13 +331,6 @@ class BadValueTests(unittest.TestCase):
             cwd=cwd, env=environment, capture_output=True, text=True, timeout=60,
             pass_fds=fds,
         )
-
-    def assertClearError(self, result, *fragments):
-        output = result.stdout + result.stderr
-        self.assertNotEqual(result.returncode, 0, output)
-        self.assertNotIn("Traceback", output)
-        for fragment in fragments:
-            self.assertIn(fragment, output)
 
     def listening(self):
         sock = socket.socket()

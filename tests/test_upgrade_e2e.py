@@ -16,7 +16,8 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import (
-    REPO, TWISTD, ServerProcess, TacApp, graceful_options, http_get, pid_alive, pid_in,
+    REPO, TWISTD, ClearErrorMixin, ServerProcess, TacApp, graceful_options, http_get, pid_alive,
+    pid_in,
     with_ephemeral_listeners,
 )
 
@@ -372,7 +373,7 @@ class OrphanedChildTests(unittest.TestCase):
         self.assertFalse(os.path.exists(app.pidfile))
 
 
-class BadInputTests(unittest.TestCase):
+class BadInputTests(ClearErrorMixin, unittest.TestCase):
     def run_twistd(self, *args, env=None, pass_fds=()):
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
@@ -385,13 +386,6 @@ class BadInputTests(unittest.TestCase):
             cwd=cwd, env=environment, capture_output=True, text=True, timeout=60,
             pass_fds=pass_fds,
         )
-
-    def assertClearError(self, result, *fragments):
-        output = result.stdout + result.stderr
-        self.assertNotEqual(result.returncode, 0, output)
-        self.assertNotIn("Traceback", output)
-        for fragment in fragments:
-            self.assertIn(fragment, output)
 
     def test_port_in_use(self):
         with socket.socket() as sock:
