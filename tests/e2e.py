@@ -229,7 +229,8 @@ class ServerProcess:
             except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"pidfile {self.pidfile} never named {expected}")
+                raise AssertionError(f"pidfile {self.pidfile} never named {expected}; output:\n"
+                                     + self.output())
             time.sleep(0.02)  # a file has no event to wait on
 
     def signal(self, pid, sig):

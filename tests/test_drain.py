@@ -141,6 +141,19 @@ class DrainTrackerTests(unittest.SynchronousTestCase):
         self.assertTrue(conn.transport.aborted)
         self.assertEqual(len(results[0].cut), 1)
 
+    def test_resume_calls_the_drain_off(self):
+        conn = FakeConnection(self.tracker, busy=True)
+        results = self.drain(mode=TRANSACTION, timeout=10, abort_grace=5)
+        self.assertTrue(self.tracker.resume())
+        self.assertFalse(self.tracker.draining)
+        late = FakeConnection(self.tracker)
+        self.assertEqual(late.asked, [])  # served, not closed
+        self.clock.advance(100)
+        self.assertFalse(conn.transport.aborted)  # no deadline any more
+        conn.finish_transaction()
+        self.assertEqual(results, [])
+        self.assertFalse(self.tracker.resume())  # nothing to call off
+
     def test_drain_twice_returns_the_same_result(self):
         FakeConnection(self.tracker, busy=True).busy = True
         first, second = self.drain(), self.drain()

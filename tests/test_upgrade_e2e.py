@@ -373,6 +373,43 @@ class OrphanedChildTests(unittest.TestCase):
         self.assertFalse(os.path.exists(app.pidfile))
 
 
+class SuccessorDiesTests(unittest.TestCase):
+    def test_old_generation_takes_the_listeners_back(self):
+        """
+        The new generation dies just after it took over, while the old one
+        still drains a slow request: the old one serves again, names itself in
+        the pidfile, and a later upgrade works.
+        """
+        app = TacApp(self)
+        server, pid, ports = app.start()
+        app.deploy(readiness=(
+            "import os\n"
+            "graceful.when_ready().addCallback(lambda _: reactor.callLater(0.3, os._exit, 7))"))
+        result = {}
+        slow = threading.Thread(target=lambda: result.setdefault(
+            "r", http_get(ports["http"], "/slow?seconds=4", timeout=30)))
+        slow.start()
+        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.signal(pid, signal.SIGHUP)
+        child = server.wait_handover(1)
+        server.wait_for(rf"pid {pid} generation 1: pid {child} \(generation 2\), which took over "
+                        rf"from us, exited with status 7; taking the listeners back")
+        self.assertEqual(server.wait_pidfile(pid), pid)
+        status, body, _ = http_get(ports["http"])
+        self.assertEqual((status, pid_in(body)), (200, pid))
+        slow.join(30)
+        self.assertEqual((result["r"][0], pid_in(result["r"][1])), (200, pid))
+        app.deploy()
+        mark = len(server.lines)
+        server.signal(pid, signal.SIGHUP)
+        _, m = server.wait_for(r"generation 2 \(pid (\d+)\) is ready after", start=mark)
+        new = int(m.group(1))
+        self.assertEqual(server.wait_pidfile(new), new)
+        self.assertEqual(pid_in(http_get(ports["http"])[1]), new)
+        server.signal(new, signal.SIGTERM)
+        server.wait_all_exited()
+
+
 class BadInputTests(ClearErrorMixin, unittest.TestCase):
     def run_twistd(self, *args, env=None, pass_fds=()):
         cwd = os.path.abspath(self.mktemp())

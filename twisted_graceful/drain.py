@@ -274,6 +274,25 @@ class DrainTracker:
             # A commit takes at most the store's busy timeout; do not wait forever.
             self._calls.append(self._reactor.callLater(COMMIT_REPLY_WAIT, self._abort_all, True))
 
+    def resume(self):
+        """
+        Call the drain off (the generation that took over died): new
+        connections are served again. Connections already asked to close
+        still close at their boundary; the drain's Deferred never fires.
+        """
+        if self._done is None or self._done.called:
+            return False
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        self.draining = False
+        self.mode = None
+        self.report = None
+        self._done = None
+        self._changed()
+        return True
+
     def _check_done(self):
         if self._done is None or self._done.called or self._connections:
             return

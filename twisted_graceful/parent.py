@@ -9,7 +9,6 @@ import os
 import signal
 
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger
 
 from twisted_graceful import handoff
 from twisted_graceful.child import parse_ready_message
@@ -25,13 +24,12 @@ class NextGenerationProcess(protocol.ProcessProtocol):
     @ivar on_failed: called with a sentence saying how it failed.
     """
 
-    log = Logger()
-
     def __init__(self, on_ready, on_failed, relay=True, reactor=None, kill_grace=5.0):
         self.reactor = reactor
         self.kill_grace = kill_grace
         self.ended = defer.Deferred()
         self._kill_timer = None
+        self.on_exit_after_ready = None  # called with (pid, how) if it dies after ready
         self.on_ready = on_ready
         self.on_failed = on_failed
         self.relay = relay
@@ -105,12 +103,8 @@ class NextGenerationProcess(protocol.ProcessProtocol):
             self.exit_description = f"exited with status {code}"
         if not self.ready:
             self.fail(self.exit_description)
-        elif self.exit_description != "exited with status 0":
-            # It took over and died: nothing accepts on the listeners now.
-            self.log.critical(
-                "pid {pid}, the generation this process handed over to, {how}; the listeners "
-                "have no process accepting on them until a new one is started",
-                pid=self.pid, how=self.exit_description)
+        elif self.on_exit_after_ready is not None:
+            self.on_exit_after_ready(self.pid, self.exit_description)
         self.ended.callback(self.exit_description)
 
     def fail(self, how):

@@ -19,7 +19,7 @@ import sys
 from collections import OrderedDict
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet import unix as unix_transport
 from twisted.internet import tcp
 from twisted.logger import Logger
@@ -178,6 +178,7 @@ class GracefulService(service.MultiService):
         )
         self.ready = False
         self.orphaned = False
+        self._shutting_down = False
         self.started_at = None
         self.drain_report = None
         self._ready_waiters = []
@@ -418,6 +419,7 @@ class GracefulService(service.MultiService):
         executable, args = self._next_command()
         proto = NextGenerationProcess(on_ready, on_failed, relay=self.relay_output,
                                       reactor=self.reactor, kill_grace=self.abort_grace)
+        proto.on_exit_after_ready = self._successor_died
         spawn_next_generation(
             self.reactor, proto, executable, args,
             OrderedDict((n, l.port.fileno()) for n, l in self.listeners.items()),
@@ -427,7 +429,9 @@ class GracefulService(service.MultiService):
         return proto
 
     def _hand_over(self, child_pid):
-        self.stop_accepting()
+        # Stop accepting, but keep our copies of the sockets until the drain
+        # ends: if the new generation dies meanwhile, we take them back.
+        self.pause_accepting()
         # The next generation writes to the same log file from now on; only
         # one process may rotate it.
         stop_rotating()
@@ -449,8 +453,46 @@ class GracefulService(service.MultiService):
         )
         self.handed_over_to = child_pid
         self._tell("handed-over", child_pid=child_pid)
-        if self.reactor.running:
-            self.reactor.stop()
+        self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace).addCallback(
+            self._handover_drained)
+
+    def _handover_drained(self, report):
+        self.stop_accepting()
+        try:
+            self.reactor.stop()  # stopService finds the drain done, and we exit
+        except error.ReactorNotRunning:
+            pass  # a SIGTERM during the drain got there first
+
+    def _successor_died(self, pid, how):
+        # We can take over again only while our own handover drain runs: not
+        # once it ended (the sockets are closed) nor during a real shutdown.
+        if (self.upgrader.state != HANDED_OVER or self._shutting_down
+                or not self.tracker.resume()):
+            self.log.critical(
+                "pid {pid} generation {gen}: pid {child}, which took over from us, {how}; "
+                "nothing accepts on the listeners until a new server starts",
+                pid=os.getpid(), gen=self.generation, child=pid, how=how)
+            return
+        self.upgrader.successor_died(pid, how)
+        for listener in self.listeners.values():
+            listener.port.startReading()
+        if self.pidfile:
+            try:
+                write_pidfile(self.pidfile, os.getpid())
+            except OSError as e:
+                self.log.error("could not write the pidfile {path}: {err}", path=self.pidfile,
+                               err=e)
+        self.handed_over_to = None
+        self.log.critical(
+            "pid {pid} generation {gen}: pid {child} (generation {next}), which took over from "
+            "us, {how}; taking the listeners back and serving again",
+            pid=os.getpid(), gen=self.generation, child=pid, next=self.generation + 1, how=how)
+        self._tell("serving", generation=self.generation, inherited=False, orphaned=True)
+
+    def pause_accepting(self):
+        for listener in self.listeners.values():
+            if listener.port is not None:
+                listener.port.stopReading()
 
     def stop_accepting(self):
         """
@@ -466,6 +508,7 @@ class GracefulService(service.MultiService):
 
     # --- stop -------------------------------------------------------------
     def stopService(self):
+        self._shutting_down = True
         # An unready child this shutdown abandons (not the one we handed over to).
         abandoned = self.upgrader.child if self.upgrader.state == UPGRADING else None
         if self.upgrader.state != HANDED_OVER:

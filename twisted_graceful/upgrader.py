@@ -206,6 +206,26 @@ class Upgrader:
             self._timeout_call.cancel()
         self._timeout_call = None
 
+    def successor_died(self, pid, how):
+        """
+        The generation we handed over to died while we still drain: we serve
+        again. The failure counts for the backoff like a failed upgrade.
+        """
+        if self.state != HANDED_OVER:
+            return False
+        self.state = SERVING
+        self.failures += 1
+        delay = min(self.backoff_base * (2 ** (self.failures - 1)), self.backoff_max)
+        self.next_attempt_at = self._reactor.seconds() + delay
+        self.last_outcome = UpgradeOutcome(
+            "failed", pid, f"pid {pid} {how} after it took over",
+            self._elapsed() if self.upgrade_started else None,
+            self.child.output_tail() if self.child else [],
+        )
+        self.child = None
+        self._tell("failed", outcome=self.last_outcome)
+        return True
+
     def shutting_down(self):
         """
         A real shutdown: abandon an upgrade in progress (kill the unready child).
