@@ -21,6 +21,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, http_get, pid_in
+from tests.test_notify import NotifySocket
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
@@ -34,18 +35,14 @@ def free_ports(n):
     raise AssertionError(f"no {n} distinct free ports")
 
 
-class FakeSystemd:
+class FakeSystemd(NotifySocket):
     """
     The receiving end of NOTIFY_SOCKET: datagrams with the sender's PID.
     """
 
     def __init__(self, testcase):
-        directory = os.path.abspath(testcase.mktemp())
-        os.makedirs(directory)
-        self.path = os.path.join(directory, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        testcase.addCleanup(self.sock.close)
-        self.sock.bind(self.path)
+        NotifySocket.__init__(self, testcase)
+        self.path = self.env_value
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.received = []  # (sender pid, message)
 
@@ -62,13 +59,6 @@ class FakeSystemd:
         message = data.decode()
         self.received.append((pid, message))
         return pid, message
-
-    def pending(self):
-        self.sock.setblocking(False)
-        try:
-            return self.sock.recv(4096).decode()
-        except BlockingIOError:
-            return None
 
 
 LISTENERS = ("metrics", "txn", "http")  # the order the sockets are passed in

@@ -386,12 +386,22 @@ class GracefulService(service.MultiService):
             pid=os.getpid(), gen=self.generation, parent=self.inheritance.parent_pid,
             err=error, pidfile=f" and writing {self.pidfile}" if self.pidfile else "",
         )
-        if self.pidfile:
-            try:
-                write_pidfile(self.pidfile, os.getpid())
-            except OSError as e:
-                self.log.error("could not write the pidfile {path}: {err}", path=self.pidfile,
-                               err=e)
+        self._write_pidfile(os.getpid())
+
+    def _write_pidfile(self, pid, then=""):
+        """
+        Name C{pid} in the pidfile, if there is one; a failure is logged, not
+        raised: it must not stop a handover or a takeover half-way.
+        """
+        if not self.pidfile:
+            return
+        try:
+            write_pidfile(self.pidfile, pid)
+        except OSError as e:
+            self.log.error(
+                "pid {me} generation {gen}: could not write pid {pid} to {path}: {err}{then}",
+                me=os.getpid(), gen=self.generation, pid=pid, path=self.pidfile, err=e,
+                then=then)
 
     def _log_startup_failure(self, failure):
         self.log.failure("pid {pid} generation {gen}: could not become ready", failure,
@@ -435,16 +445,8 @@ class GracefulService(service.MultiService):
         # The next generation writes to the same log file from now on; only
         # one process may rotate it.
         stop_rotating()
-        if self.pidfile:
-            try:
-                write_pidfile(self.pidfile, child_pid)
-            except OSError as e:
-                self.log.error(
-                    "pid {pid} generation {gen}: could not write pid {child} to {path}: {err}; "
-                    "the handover goes on (signal pid {child} directly)",
-                    pid=os.getpid(), gen=self.generation, child=child_pid, path=self.pidfile,
-                    err=e,
-                )
+        self._write_pidfile(child_pid, then=f"; the handover goes on (signal pid {child_pid} "
+                                           f"directly)")
         self.log.info(
             "pid {pid} generation {gen}: stopped accepting; pid {child} (generation {next}) "
             "serves now{pidfile}; draining",
@@ -476,12 +478,7 @@ class GracefulService(service.MultiService):
         self.upgrader.successor_died(pid, how)
         for listener in self.listeners.values():
             listener.port.startReading()
-        if self.pidfile:
-            try:
-                write_pidfile(self.pidfile, os.getpid())
-            except OSError as e:
-                self.log.error("could not write the pidfile {path}: {err}", path=self.pidfile,
-                               err=e)
+        self._write_pidfile(os.getpid())
         self.handed_over_to = None
         self.log.critical(
             "pid {pid} generation {gen}: pid {child} (generation {next}), which took over from "

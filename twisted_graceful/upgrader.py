@@ -213,17 +213,8 @@ class Upgrader:
         """
         if self.state != HANDED_OVER:
             return False
-        self.state = SERVING
-        self.failures += 1
-        delay = min(self.backoff_base * (2 ** (self.failures - 1)), self.backoff_max)
-        self.next_attempt_at = self._reactor.seconds() + delay
-        self.last_outcome = UpgradeOutcome(
-            "failed", pid, f"pid {pid} {how} after it took over",
-            self._elapsed() if self.upgrade_started else None,
-            self.child.output_tail() if self.child else [],
-        )
-        self.child = None
-        self._tell("failed", outcome=self.last_outcome)
+        output = self.child.output_tail() if self.child else []
+        self._failed("failed", pid, f"pid {pid} {how} after it took over", output)
         return True
 
     def shutting_down(self):
