@@ -12,7 +12,7 @@ import sys
 from twisted.trial import unittest
 
 from twisted_graceful import cli
-from twisted_graceful.metrics import update_status_file
+from twisted_graceful.statusfile import update_status_file
 from twisted_graceful.pidfile import write_pidfile
 
 OLD, NEW = 1000, 2000

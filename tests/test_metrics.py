@@ -18,9 +18,8 @@ from tests.test_drain import FakeConnection
 from tests.test_txn_protocol import FakeIdentity, FakeStore
 from twisted_graceful.drain import DrainReport
 from twisted_graceful.http import GracefulSite
-from twisted_graceful.metrics import (
-    RELOADS_ENV,
-    GracefulMetrics,
+from twisted_graceful.metrics import RELOADS_ENV, GracefulMetrics
+from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
     StatusResource,

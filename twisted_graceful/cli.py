@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from twisted_graceful.metrics import read_status, status_path
+from twisted_graceful.statusfile import read_status, status_path
 from twisted_graceful.pidfile import pid_alive, read_pid
 
 EXIT_OK = 0
