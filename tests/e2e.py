@@ -233,6 +233,14 @@ class ServerProcess:
                                      + self.output())
             time.sleep(0.02)  # a file has no event to wait on
 
+    def wait_gone(self, pid, timeout=DEFAULT_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pid {pid} still alive after {timeout} s; output:\n"
+                                     + self.output())
+            time.sleep(0.01)  # no event tells us another process is gone
+
     def signal(self, pid, sig):
         os.kill(pid, sig)
 

@@ -164,7 +164,7 @@ class DrainTrackerTests(unittest.SynchronousTestCase):
 
     def test_listeners_hear_changes(self):
         seen = []
-        self.tracker.listeners.append(lambda t: seen.append(len(t)))
+        self.tracker.add_change_callback(lambda t: seen.append(len(t)))
         conn = FakeConnection(self.tracker)
         conn.untrack()
         self.assertEqual(seen, [1, 0])

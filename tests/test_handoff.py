@@ -439,7 +439,7 @@ class ParseReadyMessageTests(SynchronousTestCase):
     """
 
     def parse(self, data):
-        from twisted_graceful.child import parse_ready_message
+        from twisted_graceful.handoff import parse_ready_message
 
         return parse_ready_message(data)
 
@@ -447,7 +447,7 @@ class ParseReadyMessageTests(SynchronousTestCase):
         self.assertEqual(self.parse(b"READY 1234\n"), 1234)
 
     def test_matchesWhatTheChildWrites(self):
-        from twisted_graceful.child import READY_MESSAGE
+        from twisted_graceful.handoff import READY_MESSAGE
 
         self.assertEqual(self.parse(READY_MESSAGE % (77,)), 77)
 

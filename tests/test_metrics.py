@@ -26,9 +26,10 @@ from twisted_graceful.statusfile import (
     read_status,
     update_status_file,
 )
-from twisted_graceful.service import GracefulService, Inheritance
+from twisted_graceful.inherit import Inheritance
+from twisted_graceful.service import GracefulService
 from twisted_graceful.txn import TxnFactory
-from twisted_graceful.upgrader import HANDED_OVER, UPGRADING, UpgradeOutcome
+from twisted_graceful.lifecycle import UpgradeOutcome
 
 
 class Page(resource.Resource):
@@ -40,8 +41,12 @@ class Page(resource.Resource):
         return b"ok"
 
 
-class FakeChild:
-    pid = 5151
+def emit(graceful, event, state="serving", **details):
+    """
+    What the lifecycle tells its observers: the event with the state it led to.
+    """
+    graceful.lifecycle.state = state
+    graceful.lifecycle._tell(event, **details)
 
 
 def make_service(environ=None, inheritance=None, pidfile=None):
@@ -118,9 +123,9 @@ class UpgradeMetricsTests(MetricsTestCase):
     def test_outcomes_counted(self):
         for result in ("ok", "failed", "timeout"):
             self.assertEqual(self.value("graceful_reloads_total", result=result), 0)
-        self.graceful._upgrader_event("failed", outcome=UpgradeOutcome("failed", 10, "exited", 0.5))
-        self.graceful._upgrader_event("failed", outcome=UpgradeOutcome("timeout", 11, "late", 3.0))
-        self.graceful._upgrader_event("ready", outcome=UpgradeOutcome("ok", 12, None, 1.2))
+        emit(self.graceful, "upgrade-failed", outcome=UpgradeOutcome("failed", 10, "exited", 0.5))
+        emit(self.graceful, "upgrade-failed", outcome=UpgradeOutcome("timeout", 11, "late", 3.0))
+        emit(self.graceful, "upgrade-ok", "draining", outcome=UpgradeOutcome("ok", 12, None, 1.2))
         self.assertEqual(self.value("graceful_reloads_total", result="failed"), 1)
         self.assertEqual(self.value("graceful_reloads_total", result="timeout"), 1)
         self.assertEqual(self.value("graceful_reloads_total", result="ok"), 1)
@@ -135,7 +140,7 @@ class UpgradeMetricsTests(MetricsTestCase):
         graceful = make_service(environ, inheritance)
         graceful.acquire()
         metrics = GracefulMetrics(graceful)
-        graceful._tell("serving", generation=3, inherited=True)
+        emit(graceful, "serving", source="inherited", parent_pid=77)
         value = metrics.registry.get_sample_value
         self.assertEqual(value("graceful_reloads_total", {"result": "ok"}), 3)
         self.assertEqual(value("graceful_reloads_total", {"result": "failed"}), 1)
@@ -146,7 +151,7 @@ class UpgradeMetricsTests(MetricsTestCase):
         environ = {RELOADS_ENV: "ok=9"}
         graceful = make_service(environ)
         metrics = GracefulMetrics(graceful)
-        graceful._tell("serving", generation=1, inherited=False)
+        emit(graceful, "serving", source="bound")
         self.assertEqual(metrics.registry.get_sample_value("graceful_reloads_total",
                                                            {"result": "ok"}), 0)
 
@@ -154,7 +159,7 @@ class UpgradeMetricsTests(MetricsTestCase):
         report = DrainReport()
         report.duration = 2.5
         report.cut = ["txn connection", "http connection"]
-        self.graceful._tell("drained", report=report)
+        emit(self.graceful, "drained", "exited", report=report)
         self.assertEqual(self.value("graceful_drain_duration_seconds_count"), 1)
         self.assertEqual(self.value("graceful_drain_duration_seconds_sum"), 2.5)
         self.assertEqual(self.value("graceful_connections_cut_total"), 2)
@@ -169,6 +174,7 @@ class UpgradeMetricsTests(MetricsTestCase):
                                   pidfile=pidfile)
         graceful = make_service(inheritance=inheritance, pidfile=pidfile)
         metrics = GracefulMetrics(graceful)
+        emit(graceful, "serving", source="inherited", parent_pid=77)
         value = metrics.registry.get_sample_value
         for _ in range(2):  # counted once, however many scrapes
             self.assertEqual(value("graceful_drain_duration_seconds_count"), 1)
@@ -178,17 +184,17 @@ class UpgradeMetricsTests(MetricsTestCase):
     def test_generation_and_state(self):
         self.assertEqual(self.value("graceful_generation"), 1)
         self.assertEqual(self.value("graceful_state", state="starting"), 1)
-        self.graceful.ready = True
+        emit(self.graceful, "serving", source="bound")
         self.assertEqual(self.value("graceful_state", state="serving"), 1)
-        self.graceful.upgrader.state = UPGRADING
+        emit(self.graceful, "upgrade-started", "upgrading", child_pid=5151, reason="SIGHUP")
         self.assertEqual(self.value("graceful_state", state="upgrading"), 1)
         self.assertEqual(self.value("graceful_state", state="serving"), 0)
-        self.graceful.upgrader.generation = 4
+        self.graceful.lifecycle.generation = 4
         self.assertEqual(self.value("graceful_generation"), 4)
 
     def test_registries_are_separate(self):
         other = GracefulMetrics(make_service())
-        self.graceful._upgrader_event("failed", outcome=UpgradeOutcome("failed", 1, "x", 0.1))
+        emit(self.graceful, "upgrade-failed", outcome=UpgradeOutcome("failed", 1, "x", 0.1))
         self.assertEqual(other.registry.get_sample_value("graceful_reloads_total",
                                                          {"result": "failed"}), 0)
 
@@ -215,8 +221,7 @@ class StatusTests(unittest.TestCase):
         return json.loads(body)
 
     def test_serving(self):
-        self.graceful.ready = True
-        self.graceful._tell("serving", generation=1, inherited=False)
+        emit(self.graceful, "serving", source="bound")
         doc = self.render()
         self.assertEqual(doc["pid"], os.getpid())
         self.assertEqual(doc["generation"], 1)
@@ -226,19 +231,14 @@ class StatusTests(unittest.TestCase):
         self.assertIsNone(doc["last_upgrade"])
 
     def test_upgrading_then_failed(self):
-        self.graceful.ready = True
-        upgrader = self.graceful.upgrader
-        upgrader.state = UPGRADING
-        upgrader.child = FakeChild()
-        self.graceful._tell("upgrade-started", child_pid=FakeChild.pid)
+        emit(self.graceful, "serving", source="bound")
+        emit(self.graceful, "upgrade-started", "upgrading", child_pid=5151, reason="SIGHUP")
         doc = self.render()
         self.assertEqual(doc["state"], "upgrading")
         self.assertEqual(doc["child"], {"pid": 5151, "since": 1000.0})
-        upgrader.state = "serving"
-        upgrader.child = None
-        upgrader.last_outcome = UpgradeOutcome(
+        emit(self.graceful, "upgrade-failed", outcome=UpgradeOutcome(
             "failed", 5151, "pid 5151 exited with status 1 before it was ready", 0.4,
-            ["RuntimeError: broken"])
+            ["RuntimeError: broken"]))
         doc = self.render()
         self.assertEqual(doc["state"], "serving")
         self.assertIsNone(doc["child"])
@@ -249,14 +249,15 @@ class StatusTests(unittest.TestCase):
         self.assertEqual(last["output_tail"], ["RuntimeError: broken"])
 
     def test_handed_over_and_drained(self):
-        self.graceful.upgrader.state = HANDED_OVER
-        self.graceful._tell("handed-over", child_pid=99)
+        emit(self.graceful, "upgrade-ok", "draining", outcome=UpgradeOutcome("ok", 99, None, 0.3))
+        emit(self.graceful, "handed-over", "draining", child_pid=99, pidfile_error=None)
         doc = self.render()
-        self.assertEqual((doc["state"], doc["handed_over_to"]), ("draining", 99))
+        self.assertEqual(doc["state"], "draining")
+        self.assertEqual(doc["last_upgrade"]["child_pid"], 99)
         report = DrainReport()
         report.duration = 0.25
         report.at_start = 3
-        self.graceful._tell("drained", report=report)
+        emit(self.graceful, "drained", "exited", report=report)
         doc = self.render()
         self.assertEqual(doc["state"], "exited")
         self.assertEqual(doc["drain"]["duration_seconds"], 0.25)
@@ -274,13 +275,10 @@ class StatusFileTests(unittest.TestCase):
         graceful = make_service(pidfile=self.pidfile)
         StatusFile(graceful)
         self.assertIsNone(read_status(self.path))
-        graceful.ready = True
-        graceful._tell("serving", generation=1, inherited=False)
+        emit(graceful, "serving", source="bound")
         entry = read_status(self.path)["processes"][str(os.getpid())]
         self.assertEqual(entry["state"], "serving")
-        graceful.upgrader.state = UPGRADING
-        graceful.upgrader.child = FakeChild()
-        graceful._tell("upgrade-started", child_pid=5151)
+        emit(graceful, "upgrade-started", "upgrading", child_pid=5151, reason="SIGHUP")
         entry = read_status(self.path)["processes"][str(os.getpid())]
         self.assertEqual((entry["state"], entry["child"]["pid"]), ("upgrading", 5151))
         self.assertEqual([n for n in os.listdir(self.dir) if n.endswith(".tmp")], [])
@@ -288,7 +286,7 @@ class StatusFileTests(unittest.TestCase):
     def test_no_pidfile_no_file(self):
         graceful = make_service()
         StatusFile(graceful)
-        graceful._tell("serving", generation=1, inherited=False)
+        emit(graceful, "serving", source="bound")
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_generations_keep_their_own_entries(self):

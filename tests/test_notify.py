@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from twisted_graceful.drain import DrainTracker
 from twisted_graceful.notify import SdNotifier, install_sd_notify, notify_address, sd_notify
 from twisted_graceful.service import GracefulService
-from twisted_graceful.upgrader import UpgradeOutcome
+from twisted_graceful.lifecycle import UpgradeOutcome
 
 
 class NotifySocket:
@@ -91,17 +91,25 @@ class SdNotifierTests(unittest.TestCase):
         self.graceful = FakeGraceful()
         self.notifier = SdNotifier(self.graceful, send=self.sent.append, pid=100)
 
+    def tell(self, event, **details):
+        """
+        An event as the lifecycle sends it: with pid, generation and state.
+        """
+        payload = {"pid": 100, "generation": 1, "state": "serving"}
+        payload.update(details)
+        self.notifier(event, **payload)
+
     def test_first_generation_ready(self):
-        self.notifier("serving", generation=1, inherited=False)
+        self.tell("serving", generation=1, source="bound")
         self.assertEqual(self.sent, ["READY=1\nSTATUS=serving as PID 100 (generation 1)"])
 
     def test_handed_over_generation_is_silent_when_ready(self):
-        self.notifier("serving", generation=2, inherited=True)
+        self.tell("serving", generation=2, source="inherited")
         self.assertEqual(self.sent, [])
 
     def test_upgrade_started(self):
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.notifier("upgrade-started", child_pid=200)
+        self.tell("upgrade-started", child_pid=200)
         after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         lines = self.sent[0].split("\n")
         self.assertEqual(lines[0], "RELOADING=1")
@@ -112,7 +120,7 @@ class SdNotifierTests(unittest.TestCase):
 
     def test_upgrade_failed(self):
         outcome = UpgradeOutcome("failed", 200, "pid 200 exited with status 1\nbefore it was ready")
-        self.notifier("upgrade-failed", outcome=outcome)
+        self.tell("upgrade-failed", outcome=outcome)
         self.assertEqual(self.sent, [
             "READY=1\nSTATUS=upgrade failed: pid 200 exited with status 1 before it was ready; "
             "still serving as PID 100 (generation 1)"])
@@ -121,8 +129,8 @@ class SdNotifierTests(unittest.TestCase):
         conns = [FakeConn(), FakeConn()]
         for c in conns:
             self.graceful.tracker.add(c)
-        self.notifier("upgrade-ok", outcome=None)
-        self.notifier("handed-over", child_pid=200)
+        self.tell("upgrade-ok", outcome=None)
+        self.tell("handed-over", child_pid=200)
         self.assertEqual(self.sent, [
             "MAINPID=200\nREADY=1\nSTATUS=serving as PID 200 (generation 2); "
             "PID 100 (generation 1) draining 2 connections"])
@@ -131,7 +139,7 @@ class SdNotifierTests(unittest.TestCase):
         self.assertEqual(self.sent[-1], "STATUS=serving as PID 200 (generation 2); "
                                         "PID 100 (generation 1) draining 1 connection")
         self.graceful.tracker.remove(conns[1])
-        self.notifier("drained", report=None)
+        self.tell("drained", report=None)
         self.graceful.reactor.advance(5)
         self.assertEqual(self.sent[-1], "STATUS=serving as PID 200 (generation 2); "
                                         "PID 100 (generation 1) draining 0 connections")
@@ -139,22 +147,22 @@ class SdNotifierTests(unittest.TestCase):
         self.assertFalse(any("STOPPING" in m for m in self.sent))
 
     def test_handed_over_with_nothing_to_drain_says_it_once(self):
-        self.notifier("handed-over", child_pid=200)
-        self.notifier("drained", report=None)
+        self.tell("handed-over", child_pid=200)
+        self.tell("drained", report=None)
         self.assertEqual(len(self.sent), 1)
 
     def test_status_at_most_once_per_interval(self):
         conns = [FakeConn() for _ in range(5)]
         for c in conns:
             self.graceful.tracker.add(c)
-        self.notifier("shutting-down")
+        self.tell("shutting-down")
         self.assertEqual(self.sent, ["STOPPING=1\nSTATUS=shutting down: PID 100 draining "
                                      "5 connections"])
         for c in conns[:3]:
             self.graceful.tracker.remove(c)
         self.graceful.reactor.advance(1)
         self.assertEqual(self.sent[1:], ["STATUS=shutting down: PID 100 draining 2 connections"])
-        self.notifier("drained", report=None)
+        self.tell("drained", report=None)
         self.assertEqual(self.sent[-1], "STATUS=PID 100 drained; exiting")
 
 
@@ -162,14 +170,15 @@ class InstallTests(unittest.TestCase):
     def test_nothing_without_notify_socket(self):
         graceful = GracefulService(Clock(), install_signal_handlers=False, environ={})
         self.assertIsNone(install_sd_notify(graceful, {}))
-        self.assertEqual(graceful.observers, [])
+        self.assertEqual(graceful.lifecycle.observers, [])
 
     def test_observes_the_service(self):
         server = NotifySocket(self)
         graceful = GracefulService(Clock(), install_signal_handlers=False, environ={})
         notifier = install_sd_notify(graceful, server.environ)
-        self.assertIn(notifier, graceful.observers)
-        graceful._tell("serving", generation=1, inherited=False)
+        self.assertIn(notifier, graceful.lifecycle.observers)
+        graceful.lifecycle.state = "serving"
+        graceful.lifecycle._tell("serving", source="bound")
         self.assertEqual(server.receive(),
                          f"READY=1\nSTATUS=serving as PID {os.getpid()} (generation 1)")
         self.assertIsNone(server.pending())

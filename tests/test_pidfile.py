@@ -10,8 +10,9 @@ from twisted.scripts import _twistd_unix
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_graceful import pidfile
+from twisted_graceful import _twisted
+from twisted_graceful._twisted import protect_twistd_pidfile
 from twisted_graceful.pidfile import (
-    protect_twistd_pidfile,
     read_pid,
     remove_pidfile_if_own,
     write_pidfile,
@@ -138,7 +139,7 @@ class ProtectTwistdPidfileTests(PidfileTestCase):
         # Undo the process-wide patch after each test.
         self.original = _twistd_unix.UnixApplicationRunner.removePID
         self.patch(_twistd_unix.UnixApplicationRunner, "removePID", self.original)
-        self.patch(pidfile, "_patched", False)
+        self.patch(_twisted, "_pidfile_patched", False)
         protect_twistd_pidfile()
 
     def removePID(self, path):

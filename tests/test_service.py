@@ -10,7 +10,8 @@ from twisted.trial import unittest
 
 from twisted_graceful.handoff import HandoffError
 from twisted_graceful.listeners import address_mismatch, parse_listen_description
-from twisted_graceful.service import Inheritance
+from twisted_graceful.inherit import Inheritance
+from twisted_graceful.lineage import Lineage
 
 
 class InheritanceTests(unittest.SynchronousTestCase):
@@ -25,8 +26,11 @@ class InheritanceTests(unittest.SynchronousTestCase):
         read, write = os.pipe()
         self.addCleanup(os.close, read)
         fd = os.dup(sock.fileno())
+        lineage = Lineage.create()
+        self.addCleanup(lineage.close)
         return {"GRACEFUL_LISTENERS": f"http={fd}", "GRACEFUL_READY_FD": str(write),
-                "GRACEFUL_GENERATION": "2", "GRACEFUL_PARENT_PID": "1"}
+                "GRACEFUL_GENERATION": "2", "GRACEFUL_PARENT_PID": "1",
+                "GRACEFUL_LINEAGE_FD": str(lineage.fileno())}
 
     def test_inherits_the_same_address(self):
         sock = self.listening()

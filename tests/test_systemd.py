@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from twisted_graceful import systemd
 from twisted_graceful.listeners import ListenerError, parse_listen_description
-from twisted_graceful.service import Inheritance
+from twisted_graceful.inherit import Inheritance
 
 PID = 4242
 

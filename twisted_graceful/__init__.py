@@ -8,7 +8,8 @@ from twisted_graceful import systemd as _systemd  # noqa: F401,I001
 from twisted_graceful.drain import DrainableConnection, DrainTracker
 from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful.listeners import ListenerError, parse_listen_description
-from twisted_graceful.service import GracefulService, Inheritance
+from twisted_graceful.inherit import Inheritance
+from twisted_graceful.service import GracefulService
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,13 @@
 """
 The child's side of the handshake: tell the parent "ready" on the inherited
-pipe, and take over the parent's stdout/stderr once it does.
+pipe (once it has taken over in the lineage record), and take over the
+parent's stdout/stderr once it does.
 """
 
 import os
 import sys
 
-READY_MESSAGE = b"READY %d\n"
+from twisted_graceful.handoff import format_ready_message
 
 
 class ReadyPipe:
@@ -20,7 +21,7 @@ class ReadyPipe:
     def signal_ready(self, pid=None):
         pid = os.getpid() if pid is None else pid
         try:
-            os.write(self.fd, READY_MESSAGE % (pid,))
+            os.write(self.fd, format_ready_message(pid))
         finally:
             self.close()
 
@@ -31,24 +32,6 @@ class ReadyPipe:
             except OSError:
                 pass
             self.fd = None
-
-
-def parse_ready_message(data):
-    """
-    Return the PID in a ready message, or L{None} if C{data} is not one (yet).
-    @raise ValueError: C{data} is not a ready message and cannot become one.
-    """
-    if b"\n" not in data:
-        if len(data) > 64 or not b"READY ".startswith(data[:6]):
-            raise ValueError(data)
-        return None
-    line = data.split(b"\n", 1)[0]
-    if not line.startswith(b"READY "):
-        raise ValueError(data)
-    try:
-        return int(line[6:])
-    except ValueError:
-        raise ValueError(data)
 
 
 def take_over_stdio(stdio_fds):

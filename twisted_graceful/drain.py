@@ -135,7 +135,7 @@ class DrainTracker:
         self.report = None
         self._done = None
         self._calls = []
-        self.listeners = []  # callables(tracker) told when connections change
+        self._change_callbacks = []  # callables(tracker) told when connections change
 
     # --- registry -------------------------------------------------------
     def add(self, conn):
@@ -163,11 +163,6 @@ class DrainTracker:
     def __len__(self):
         return len(self._connections)
 
-    def connections(self, protocol_name=None):
-        return [
-            c for c in self._connections if protocol_name is None or c.protocol_name == protocol_name
-        ]
-
     def counts(self):
         """
         protocol name -> (open connections, connections inside a transaction).
@@ -178,9 +173,21 @@ class DrainTracker:
             result[conn.protocol_name] = (total + 1, busy + (1 if conn.in_transaction() else 0))
         return result
 
+    def add_change_callback(self, callback):
+        """
+        Call C{callback(tracker)} whenever a connection opens or closes, or a
+        drain starts or is called off.
+        """
+        if callback not in self._change_callbacks:
+            self._change_callbacks.append(callback)
+
+    def remove_change_callback(self, callback):
+        if callback in self._change_callbacks:
+            self._change_callbacks.remove(callback)
+
     def _changed(self):
-        for listener in list(self.listeners):
-            listener(self)
+        for callback in list(self._change_callbacks):
+            callback(self)
 
     # --- draining -------------------------------------------------------
     def drain(self, mode=TRANSACTION, timeout=60.0, abort_grace=5.0):

@@ -1,9 +1,19 @@
 """
-The environment a generation hands to the next one, and its validation.
+The handoff's wire format, built and parsed here: what a generation hands
+to the next one (docs/design.md, "The handoff").
 
-The parent maps the first listener to fd 3, the ready pipe to fd 4 and further
-listeners from fd 5 on (like the seed's C{cmd.ExtraFiles}), and names them in
-the environment so the child finds each listener by name, not by position.
+C{childFDs} of the next generation:
+
+    0             our stdin
+    1, 2          pipes we read (its output, relayed and kept for a failure
+                  report) until it is ready
+    3             the first listener
+    4             the write end of the ready pipe: C{READY <pid>\n}
+    5, 6, ...     further listeners, in the order they were added
+    then          the lineage record, our own stdout, our own stderr
+
+and its environment: ours, plus the variables below, which name every fd
+so that the child finds each listener by name, not by position.
 """
 
 import os
@@ -19,6 +29,7 @@ PARENT_PID_ENV = "GRACEFUL_PARENT_PID"  # the generation that spawned us
 PIDFILE_ENV = "GRACEFUL_PIDFILE"  # where the live generation's PID goes
 STDIO_FDS_ENV = "GRACEFUL_STDIO_FDS"  # the parent's own stdout,stderr
 READY_TIMEOUT_ENV = "GRACEFUL_READY_TIMEOUT"  # seconds the parent waits for us
+LINEAGE_FD_ENV = "GRACEFUL_LINEAGE_FD"  # the record of which generation is current
 
 HANDOFF_VARIABLES = (
     LISTENERS_ENV,
@@ -28,11 +39,14 @@ HANDOFF_VARIABLES = (
     PIDFILE_ENV,
     STDIO_FDS_ENV,
     READY_TIMEOUT_ENV,
+    LINEAGE_FD_ENV,
 )
 
 FIRST_LISTENER_FD = 3
 READY_FD = 4
 NEXT_LISTENER_FD = 5
+
+READY_MESSAGE = b"READY %d\n"
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
@@ -91,6 +105,67 @@ def format_listener_map(mapping):
     return ",".join(f"{name}={fd}" for name, fd in mapping.items())
 
 
+def next_generation_handoff(listeners, lineage_fd, environ, generation, parent_pid, pidfile,
+                            ready_timeout):
+    """
+    The C{childFDs} and environment that start the next generation.
+
+    @param listeners: ordered listener name -> fd in this process.
+    @return: C{(child_fds, environment)} for C{reactor.spawnProcess}.
+    """
+    child_fds = {0: 0, 1: "r", 2: "r", READY_FD: "r"}
+    names = {}
+    next_fd = NEXT_LISTENER_FD
+    for i, (name, fd) in enumerate(listeners.items()):
+        if i == 0:
+            target = FIRST_LISTENER_FD
+        else:
+            target = next_fd
+            next_fd += 1
+        child_fds[target] = fd
+        names[name] = target
+    lineage_target, stdout_target, stderr_target = next_fd, next_fd + 1, next_fd + 2
+    child_fds[lineage_target] = lineage_fd
+    child_fds[stdout_target] = 1
+    child_fds[stderr_target] = 2
+    environment = {k: v for k, v in environ.items() if k not in HANDOFF_VARIABLES}
+    environment.update(
+        {
+            LISTENERS_ENV: format_listener_map(names),
+            READY_FD_ENV: str(READY_FD),
+            GENERATION_ENV: str(generation),
+            PARENT_PID_ENV: str(parent_pid),
+            PIDFILE_ENV: pidfile or "",
+            STDIO_FDS_ENV: f"{stdout_target},{stderr_target}",
+            READY_TIMEOUT_ENV: str(ready_timeout),
+            LINEAGE_FD_ENV: str(lineage_target),
+        }
+    )
+    return child_fds, environment
+
+
+def format_ready_message(pid):
+    return READY_MESSAGE % (pid,)
+
+
+def parse_ready_message(data):
+    """
+    Return the PID in a ready message, or L{None} if C{data} is not one (yet).
+    @raise ValueError: C{data} is not a ready message and cannot become one.
+    """
+    if b"\n" not in data:
+        if len(data) > 64 or not b"READY ".startswith(data[:6]):
+            raise ValueError(data)
+        return None
+    line = data.split(b"\n", 1)[0]
+    if not line.startswith(b"READY "):
+        raise ValueError(data)
+    try:
+        return int(line[6:])
+    except ValueError:
+        raise ValueError(data)
+
+
 def inherit_listeners(environ, wanted):
     """
     Take over the listeners named in C{environ}.
@@ -145,6 +220,34 @@ def inherit_ready_fd(environ):
     if not stat.S_ISFIFO(st.st_mode):
         raise HandoffError(f"{READY_FD_ENV}={text!r}: fd {fd} is not a pipe")
     return fd
+
+
+def inherit_lineage_fd(environ):
+    """
+    The lineage record named by C{GRACEFUL_LINEAGE_FD}.
+    """
+    from twisted_graceful.lineage import Lineage
+
+    text = environ.get(LINEAGE_FD_ENV)
+    if text is None:
+        raise HandoffError(f"{LINEAGE_FD_ENV} is missing: the previous generation gave no "
+                           f"lineage record (is it an older version of twisted-graceful?)")
+    fd = _fd_number(LINEAGE_FD_ENV, text)
+    try:
+        Lineage.check(fd)
+    except ValueError as e:
+        raise HandoffError(f"{LINEAGE_FD_ENV}={text!r}: {e}")
+    return fd
+
+
+def inherit_parent_pid(environ):
+    text = environ.get(PARENT_PID_ENV)
+    if text is None:
+        raise HandoffError(f"{PARENT_PID_ENV} is missing: the previous generation did not say "
+                           f"who it is")
+    if not text.isdigit() or not 0 < int(text) < 2 ** 31:
+        raise HandoffError(f"{PARENT_PID_ENV}={text!r}: not a process ID")
+    return int(text)
 
 
 def inherit_generation(environ):

@@ -9,11 +9,8 @@ import socket
 from twisted.internet import defer, protocol
 from twisted.web import http, server
 
-# Looked up once: twisted.web.http is a deprecation proxy, slow to get attributes from.
-_GenericHTTPChannelProtocol = http._GenericHTTPChannelProtocol
-
+from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.drain import DrainableConnection, close_in_stages
-
 
 
 class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
@@ -107,7 +104,7 @@ class GracefulSite(server.Site):
         self.drain_tracker = drain_tracker
 
     def protocol(self):
-        return _GenericHTTPChannelProtocol(DrainableHTTPChannel())
+        return GenericHTTPChannelProtocol(DrainableHTTPChannel())
 
 
 class _SelfTestClient(protocol.Protocol):

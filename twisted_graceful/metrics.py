@@ -34,7 +34,9 @@ from prometheus_client.twisted import MetricsResource
 from twisted.logger import Logger
 from twisted.web import resource
 
-from twisted_graceful.http import DrainableHTTPChannel, GracefulSite, _GenericHTTPChannelProtocol
+from twisted_graceful._twisted import GenericHTTPChannelProtocol
+from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
+from twisted_graceful.lifecycle import STATES
 from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
@@ -45,7 +47,6 @@ from twisted_graceful.statusfile import (
 
 RELOADS_ENV = "GRACEFUL_RELOADS"
 RELOAD_RESULTS = ("ok", "failed", "timeout")
-STATES = ("starting", "serving", "upgrading", "draining", "exited")
 TXN_RESULTS = ("committed", "aborted", "error")
 HTTP_RESULTS = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPGRADE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -161,7 +162,7 @@ class GracefulMetrics:
     # --- events ---------------------------------------------------------------
     def _event(self, event, **details):
         if event == "serving":
-            if details.get("inherited"):
+            if details.get("source") in ("inherited", "orphaned"):
                 self._carry_over_reloads()
             self._save_reloads()
         elif event in ("upgrade-ok", "upgrade-failed"):
@@ -204,14 +205,14 @@ class GracefulMetrics:
         """
         if self._imported_drain:
             return
-        inheritance = self.graceful.inheritance
-        if inheritance is None or inheritance.source != "inherited" or not inheritance.parent_pid:
+        parent_pid = self.status.parent_pid
+        if self.status.source not in ("inherited", "orphaned") or not parent_pid:
             self._imported_drain = True
             return
         if doc is None:
             path = status_path(self.graceful.pidfile) if self.graceful.pidfile else None
             doc = read_status(path) if path else None
-        entry = (doc or {}).get("processes", {}).get(str(inheritance.parent_pid)) or {}
+        entry = (doc or {}).get("processes", {}).get(str(parent_pid)) or {}
         upgrade = entry.get("last_upgrade") or {}
         if not self._imported_upgrade and upgrade.get("result") == "ok" \
                 and upgrade.get("child_pid") == os.getpid():
@@ -379,7 +380,7 @@ class MetricsSite(GracefulSite):
     noisy = False
 
     def protocol(self):
-        return _GenericHTTPChannelProtocol(_MetricsChannel())
+        return GenericHTTPChannelProtocol(_MetricsChannel())
 
     def log(self, request):
         pass  # a scrape every few seconds is not worth a log line

@@ -119,47 +119,49 @@ class SdNotifier:
         if handler is not None:
             handler(**details)
 
-    def on_serving(self, generation, inherited=False, orphaned=False):
-        if inherited:
+    def on_serving(self, generation, source="bound", **_):
+        if source == "inherited":
             # Started by our own handoff: the previous generation announces
             # us with MAINPID= and READY=1 once it has handed over.
             return
+        self._stop_following()
         status = _status(f"serving as PID {self.pid} (generation {generation})")
-        if orphaned:
-            # The previous generation died before it could announce us.
+        if source in ("orphaned", "took-back"):
+            # The previous generation died before it could announce us, or
+            # the one we handed over to died: we are the main process again.
             self.send(f"MAINPID={self.pid}", "READY=1", status)
         else:
             self.send("READY=1", status)
 
-    def on_upgrade_started(self, child_pid):
+    def on_upgrade_started(self, child_pid, generation, **_):
         self.send(
             "RELOADING=1",
             f"MONOTONIC_USEC={monotonic_usec()}",
-            _status(f"upgrading to PID {child_pid} (generation {self.graceful.generation + 1}); "
-                    f"PID {self.pid} (generation {self.graceful.generation}) serves meanwhile"),
+            _status(f"upgrading to PID {child_pid} (generation {generation + 1}); "
+                    f"PID {self.pid} (generation {generation}) serves meanwhile"),
         )
 
-    def on_upgrade_failed(self, outcome):
+    def on_upgrade_failed(self, outcome, generation, **_):
         self.send(
             "READY=1",
             _status(f"upgrade failed: {outcome.error}; still serving as PID {self.pid} "
-                    f"(generation {self.graceful.generation})"),
+                    f"(generation {generation})"),
         )
 
-    def on_handed_over(self, child_pid):
-        # The pidfile names the child already (GracefulService._hand_over).
+    def on_handed_over(self, child_pid, generation, **_):
+        # The pidfile names the child already (it wrote it when it took over).
         self.draining_for = child_pid
-        self._reported = len(self.graceful.tracker)
-        self.graceful.tracker.listeners.append(self._connections_changed)
+        self._follow()
         self.send(f"MAINPID={child_pid}", "READY=1", self._draining_status(self._reported))
 
-    def on_shutting_down(self):
+    def on_shutting_down(self, was_current=True, **_):
+        if not was_current:
+            return  # an old generation, draining already: systemd follows its successor
         self.draining_for = "shutdown"
-        self._reported = len(self.graceful.tracker)
-        self.graceful.tracker.listeners.append(self._connections_changed)
+        self._follow()
         self.send("STOPPING=1", self._draining_status(self._reported))
 
-    def on_drained(self, report=None):
+    def on_drained(self, report=None, **_):
         self._cancel_pending()
         if self.draining_for == "shutdown":
             self.send(_status(f"PID {self.pid} drained; exiting"))
@@ -167,6 +169,15 @@ class SdNotifier:
             # Do not leave "draining N connections" behind; otherwise say
             # nothing: the new generation's status is the one that matters.
             self.send(self._draining_status(0))
+
+    def _follow(self):
+        self._reported = len(self.graceful.tracker)
+        self.graceful.tracker.add_change_callback(self._connections_changed)
+
+    def _stop_following(self):
+        self.draining_for = None
+        self._cancel_pending()
+        self.graceful.tracker.remove_change_callback(self._connections_changed)
 
     def _draining_status(self, count):
         if self.draining_for == "shutdown":

@@ -1,7 +1,8 @@
 """
 The parent's side of the handshake: spawn the next generation with the
-listeners and the ready pipe in C{childFDs}, relay its output, and report
-whether it became ready (PITFALLS 3).
+listeners, the ready pipe and the lineage record in C{childFDs} (the layout
+is L{twisted_graceful.handoff}'s), relay its output, and tell the
+L{Lifecycle} whether it became ready, failed, or exited.
 """
 
 import collections
@@ -11,27 +12,24 @@ import signal
 from twisted.internet import defer, error, protocol
 
 from twisted_graceful import handoff
-from twisted_graceful.child import parse_ready_message
 
 OUTPUT_TAIL_LINES = 15
 
 
 class NextGenerationProcess(protocol.ProcessProtocol):
     """
-    Watches one child from spawn to ready (or failure).
-
-    @ivar on_ready: called with the child's PID when it reports ready.
-    @ivar on_failed: called with a sentence saying how it failed.
+    Watches one child from spawn to exit, and tells C{lifecycle}:
+    C{child_ready(self)} when it reports ready, C{child_failed(self, how)}
+    when it fails the handshake, C{child_ended(self, how)} when it exits
+    (before or after it was ready).
     """
 
-    def __init__(self, on_ready, on_failed, relay=True, reactor=None, kill_grace=5.0):
+    def __init__(self, lifecycle, relay=True, reactor=None, kill_grace=5.0):
         self.reactor = reactor
         self.kill_grace = kill_grace
         self.ended = defer.Deferred()
         self._kill_timer = None
-        self.on_exit_after_ready = None  # called with (pid, how) if it dies after ready
-        self.on_ready = on_ready
-        self.on_failed = on_failed
+        self.lifecycle = lifecycle
         self.relay = relay
         self._ready_buffer = b""
         self._partial = {1: b"", 2: b""}
@@ -68,19 +66,17 @@ class NextGenerationProcess(protocol.ProcessProtocol):
             return
         self._ready_buffer += data
         try:
-            pid = parse_ready_message(self._ready_buffer)
+            pid = handoff.parse_ready_message(self._ready_buffer)
         except ValueError:
             self.fail(f"wrote {self._ready_buffer[:80]!r} on the ready pipe instead of 'READY <pid>'")
-            self.kill()
             return
         if pid is None:
             return
         if pid != self.pid:
             self.fail(f"reported ready for pid {pid}, which is not its own")
-            self.kill()
             return
         self.ready = True
-        self.on_ready(self.pid)
+        self.lifecycle.child_ready(self)
 
     def childConnectionLost(self, fd):
         if fd in (1, 2) and self._partial[fd].strip():
@@ -101,17 +97,15 @@ class NextGenerationProcess(protocol.ProcessProtocol):
         else:
             code = getattr(value, "exitCode", 0)
             self.exit_description = f"exited with status {code}"
-        if not self.ready:
-            self.fail(self.exit_description)
-        elif self.on_exit_after_ready is not None:
-            self.on_exit_after_ready(self.pid, self.exit_description)
+        self._failure_reported = True
+        self.lifecycle.child_ended(self, self.exit_description)
         self.ended.callback(self.exit_description)
 
     def fail(self, how):
         if self._failure_reported or self.ready:
             return
         self._failure_reported = True
-        self.on_failed(how)
+        self.lifecycle.child_failed(self, how)
 
     def kill(self):
         """
@@ -139,42 +133,16 @@ class NextGenerationProcess(protocol.ProcessProtocol):
         return list(self.tail)
 
 
-def spawn_next_generation(reactor, process_protocol, executable, args, listeners, env,
-                          generation, pidfile, ready_timeout, cwd):
+def spawn_next_generation(reactor, process_protocol, executable, args, listeners, lineage_fd,
+                          env, generation, pidfile, ready_timeout, cwd):
     """
-    Start the next generation. The first listener goes to fd 3, the ready pipe
-    to fd 4, further listeners to fd 5 on, then our own stdout and stderr,
-    which the child takes over once it is ready.
+    Start the next generation with the handoff of
+    L{handoff.next_generation_handoff}.
 
     @param listeners: ordered listener name -> fd in this process.
     """
-    child_fds = {0: 0, 1: "r", 2: "r", handoff.READY_FD: "r"}
-    names = {}
-    next_fd = handoff.NEXT_LISTENER_FD
-    for i, (name, fd) in enumerate(listeners.items()):
-        if i == 0:
-            target = handoff.FIRST_LISTENER_FD
-        else:
-            target = next_fd
-            next_fd += 1
-        child_fds[target] = fd
-        names[name] = target
-    stdout_target, stderr_target = next_fd, next_fd + 1
-    child_fds[stdout_target] = 1
-    child_fds[stderr_target] = 2
-
-    environment = {k: v for k, v in env.items() if k not in handoff.HANDOFF_VARIABLES}
-    environment.update(
-        {
-            handoff.LISTENERS_ENV: handoff.format_listener_map(names),
-            handoff.READY_FD_ENV: str(handoff.READY_FD),
-            handoff.GENERATION_ENV: str(generation),
-            handoff.PARENT_PID_ENV: str(os.getpid()),
-            handoff.PIDFILE_ENV: pidfile or "",
-            handoff.STDIO_FDS_ENV: f"{stdout_target},{stderr_target}",
-            handoff.READY_TIMEOUT_ENV: str(ready_timeout),
-        }
-    )
+    child_fds, environment = handoff.next_generation_handoff(
+        listeners, lineage_fd, env, generation, os.getpid(), pidfile, ready_timeout)
     return reactor.spawnProcess(
         process_protocol, executable, args, env=environment, path=cwd, childFDs=child_fds
     )

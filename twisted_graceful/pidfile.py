@@ -60,29 +60,3 @@ def remove_pidfile_if_own(path, pid=None):
     except FileNotFoundError:
         return False
     return True
-
-
-_patched = False
-
-
-def protect_twistd_pidfile():
-    """
-    Make twistd remove its pidfile at exit only if it still names this process:
-    after a handover it names the next generation.
-    """
-    global _patched
-    if _patched:
-        return
-    try:
-        from twisted.scripts import _twistd_unix
-    except ImportError:  # not on a POSIX twistd
-        return
-    original = _twistd_unix.UnixApplicationRunner.removePID
-
-    def removePID(self, pidfile):
-        if pidfile and read_pid(pidfile) not in (None, os.getpid()):
-            return
-        original(self, pidfile)
-
-    _twistd_unix.UnixApplicationRunner.removePID = removePID
-    _patched = True

@@ -7,126 +7,55 @@ itself without refusing a connection or cutting a request.
     svc.setServiceParent(application)
 
 Every listener is a raw socket (bound, inherited from the previous
-generation, or from systemd) served through C{adoptStreamPort}. SIGHUP
-spawns the next generation; when it is ready this one stops accepting, hands
-the pidfile over, drains and exits. SIGTERM drains and exits.
+generation, or from systemd: L{twisted_graceful.inherit}) served through
+C{adoptStreamPort}. SIGHUP spawns the next generation; when it is ready this
+one stops accepting, drains and exits. SIGTERM drains and exits. Which state
+a generation is in, and what may happen next, is the L{Lifecycle}'s.
 """
 
-import functools
 import os
 import signal
 import sys
 from collections import OrderedDict
 
 from twisted.application import service
-from twisted.internet import defer, error, task
-from twisted.internet import unix as unix_transport
-from twisted.internet import tcp
+from twisted.application.internet import backoffPolicy
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twisted_graceful import handoff, systemd
+from twisted_graceful import lineage as L
+from twisted_graceful._twisted import (
+    ClosedPort,
+    adopt_listening_port,
+    append_to_logfiles,
+    protect_twistd_pidfile,
+)
 from twisted_graceful.child import ReadyPipe, take_over_stdio
 from twisted_graceful.command import next_generation_command, twistd_config_from_argv
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
-from twisted_graceful.listeners import (
-    ListenerError,
-    address_mismatch,
-    bind_listener,
-    describe_socket,
-    parse_listen_description,
+from twisted_graceful.inherit import Inheritance
+from twisted_graceful.lifecycle import (
+    DRAINING,
+    EXITED,
+    SHUTTING_DOWN,
+    STARTING,
+    Lifecycle,
+    stop_reactor,
 )
-from twisted_graceful.logfile import append_to_logfiles, stop_rotating
+from twisted_graceful.listeners import describe_socket, parse_listen_description
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
-from twisted_graceful.pidfile import protect_twistd_pidfile, remove_pidfile_if_own, write_pidfile
-from twisted_graceful.upgrader import HANDED_OVER, SHUTTING_DOWN, UPGRADING, Upgrader
+
+# Readiness checks are retried after 0.1 s, 0.2 s, ... up to 2 s apart.
+READINESS_RETRY = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
+EXIT_NOT_READY = 3  # the exit status of a generation that gave up getting ready
+EXIT_NOT_TAKING_OVER = 4  # ready, but the lineage record refused it (its parent is gone)
 
 
-class Inheritance:
+class Listener:
     """
-    What this generation starts with: its listening sockets (bound here or
-    inherited) and, if a previous generation started it, the handshake fds.
+    One named listener: what to serve, where, and the port serving it.
     """
 
-    def __init__(self, sockets, generation=1, ready_fd=None, stdio_fds=None, pidfile=None,
-                 ready_timeout=None, parent_pid=None, source="bound"):
-        self.sockets = sockets
-        self.generation = generation
-        self.ready_fd = ready_fd
-        self.stdio_fds = stdio_fds
-        self.pidfile = pidfile
-        self.ready_timeout = ready_timeout
-        self.parent_pid = parent_pid
-        self.source = source
-
-    @classmethod
-    def acquire(cls, specs, environ=None, reuse_port=False, options=None):
-        """
-        Take the listeners from the previous generation if it started us,
-        else bind them.
-
-        @param specs: listener name -> L{ListenSpec}.
-        @param options: listener name -> the option that named it (for errors).
-        @raise ListenerError: in words naming the option or variable at fault.
-        """
-        environ = os.environ if environ is None else environ
-        options = options or {}
-        if handoff.is_handoff(environ):
-            wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
-            generation = handoff.inherit_generation(environ)
-            timeout = handoff.inherit_ready_timeout(environ)
-            sockets = handoff.inherit_listeners(environ, wanted)
-            for name, spec in specs.items():
-                actual = address_mismatch(spec, sockets[name])
-                if actual is not None:
-                    for sock in sockets.values():
-                        sock.close()
-                    raise handoff.HandoffError(
-                        f"{options.get(name, name)} {spec.description}: the previous generation "
-                        f"listens on {actual}; an upgrade cannot move a listener (restart the "
-                        f"server to change its address)"
-                    )
-            try:
-                ready_fd = handoff.inherit_ready_fd(environ)
-                stdio = handoff.inherit_stdio_fds(environ)
-            except BaseException:
-                for sock in sockets.values():
-                    sock.close()
-                raise
-            parent = environ.get(handoff.PARENT_PID_ENV, "")
-            result = cls(
-                sockets, generation, ready_fd, stdio,
-                pidfile=environ.get(handoff.PIDFILE_ENV) or None,
-                ready_timeout=timeout,
-                parent_pid=int(parent) if parent.isdigit() else None,
-                source="inherited",
-            )
-            handoff.forget_handoff(environ)
-            return result
-        sockets = OrderedDict()
-        activated = systemd.is_socket_activated(environ)
-        try:
-            if activated:
-                # systemd's sockets for the systemd:NAME listeners (the
-                # variables are removed once adopted); the others are bound.
-                sockets.update(systemd.adopt(specs, environ, options))
-            for name, spec in specs.items():
-                if spec.kind == "systemd":
-                    if name in sockets:
-                        continue
-                    raise ListenerError(
-                        f"{options.get(name, '--port')} {spec.description}: this process was "
-                        f"not started by systemd socket activation (LISTEN_FDS is not set)"
-                    )
-                sockets[name] = bind_listener(spec, options.get(name, "--port"), reuse_port)
-        except BaseException:
-            for sock in sockets.values():
-                sock.close()
-            raise
-        return cls(OrderedDict((name, sockets[name]) for name in specs),
-                   source="systemd" if activated else "bound")
-
-
-class _Listener:
     def __init__(self, name, spec, factory, option):
         self.name = name
         self.spec = spec
@@ -134,12 +63,56 @@ class _Listener:
         self.option = option
         self.port = None
 
+    def describe(self):
+        try:
+            return describe_socket(self.port.socket)
+        except (AttributeError, OSError):
+            return self.spec.description
+
+
+class ListeningPorts:
+    """
+    The listeners of one generation, switched together: paused (the
+    sockets stay open, nothing is accepted), resumed, or closed.
+    """
+
+    def __init__(self):
+        self.listeners = OrderedDict()
+
+    def pause(self):
+        for listener in self.listeners.values():
+            if listener.port is not None:
+                listener.port.stopReading()
+
+    def resume(self):
+        for listener in self.listeners.values():
+            if listener.port is not None:
+                listener.port.startReading()
+
+    def close(self):
+        """
+        Close our copies of the listening sockets: never C{shutdown()}, which
+        would stop them for the next generation too.
+        """
+        stopped = []
+        for listener in self.listeners.values():
+            if listener.port is not None and not isinstance(listener.port, ClosedPort):
+                stopped.append(defer.maybeDeferred(listener.port.stopListening))
+                listener.port = ClosedPort(listener.port)
+        return defer.DeferredList(stopped)
+
+    def descriptions(self):
+        return OrderedDict((name, l.describe()) for name, l in self.listeners.items())
+
 
 class GracefulService(service.MultiService):
     """
     Owns the listeners, the upgrade (SIGHUP) and the drain (after a handover,
     or on SIGTERM). Add your own services as children: they start before this
     generation reports ready and stop after it has drained.
+
+    @ivar lifecycle: the L{Lifecycle}: this generation's state.
+    @ivar tracker: the L{DrainTracker} every protocol registers with.
     """
 
     log = Logger()
@@ -157,9 +130,7 @@ class GracefulService(service.MultiService):
         self.reactor = reactor
         self.pidfile = os.path.abspath(pidfile) if pidfile else None
         self.ready_timeout = ready_timeout
-        self.drain_timeout = drain_timeout
         self.abort_grace = abort_grace
-        self.drain_mode = drain_mode
         self.command = command
         self.environ = os.environ if environ is None else environ
         self.inheritance = inheritance
@@ -167,35 +138,33 @@ class GracefulService(service.MultiService):
         self.install_signal_handlers = install_signal_handlers
         self.relay_output = relay_output
         self.cwd = os.getcwd()
-        self.listeners = OrderedDict()
+        self.ports = ListeningPorts()
         self.readiness_checks = []
         self.tracker = DrainTracker(reactor, idle_grace=idle_grace)
-        self.observers = []
-        self.upgrader = Upgrader(
-            reactor, self._start_child, self._hand_over, ready_timeout=ready_timeout,
-            backoff_base=backoff_base, backoff_max=backoff_max,
-            observers=[self._upgrader_event],
-        )
-        self.ready = False
-        self.orphaned = False
-        self._shutting_down = False
-        self.started_at = None
-        self.drain_report = None
-        self._ready_waiters = []
+        self.lineage = None
+        self.lifecycle = Lifecycle(
+            reactor, lineage=None, ports=self.ports, tracker=self.tracker,
+            spawn=self._spawn_next, ready_timeout=ready_timeout, drain_timeout=drain_timeout,
+            abort_grace=abort_grace, drain_mode=drain_mode, backoff_base=backoff_base,
+            backoff_max=backoff_max, exit=stop_reactor(reactor))
         self._previous_sighup = None
 
     # --- configuration ----------------------------------------------------
     @property
+    def listeners(self):
+        return self.ports.listeners
+
+    @property
     def generation(self):
-        return self.upgrader.generation
+        return self.lifecycle.generation
 
     @property
     def state(self):
-        if self.upgrader.state in (HANDED_OVER, SHUTTING_DOWN):
-            return "draining"
-        if self.upgrader.state == UPGRADING:
-            return "upgrading"
-        return "serving" if self.ready else "starting"
+        return self.lifecycle.state
+
+    @property
+    def draining(self):
+        return self.lifecycle.state in (DRAINING, SHUTTING_DOWN, EXITED)
 
     def add_listener(self, name, description, factory, option=None):
         """
@@ -206,38 +175,15 @@ class GracefulService(service.MultiService):
         if name in self.listeners:
             raise ValueError(f"listener {name!r} is added twice")
         spec = parse_listen_description(description, option)
-        self.listeners[name] = _Listener(name, spec, factory, option)
+        self.listeners[name] = Listener(name, spec, factory, option)
         return spec
 
     def add_observer(self, observer):
         """
-        C{observer(event, **details)} hears what this generation goes through:
-
-          - C{serving} (C{generation}, C{inherited}): ready, accepting;
-          - C{upgrade-started} (C{child_pid}): the next generation was spawned;
-          - C{upgrade-failed} (C{outcome}): it failed; this one keeps serving;
-          - C{upgrade-ok} (C{outcome}): it is ready;
-          - C{handed-over} (C{child_pid}): we stopped accepting and the
-            pidfile names the child; draining follows;
-          - C{shutting-down}: a real shutdown (SIGTERM/SIGINT), draining follows;
-          - C{drained} (C{report}): no connection left; the process exits.
+        C{observer(event, **details)} hears what this generation goes
+        through: the events of L{twisted_graceful.lifecycle}.
         """
-        self.observers.append(observer)
-
-    def _tell(self, event, **details):
-        for observer in list(self.observers):
-            try:
-                observer(event, **details)
-            except Exception:
-                self.log.failure("observer of {event!r} failed", event=event)
-
-    def _upgrader_event(self, event, **details):
-        if event == "started":
-            self._tell("upgrade-started", child_pid=details["pid"])
-        elif event == "failed":
-            self._tell("upgrade-failed", outcome=details["outcome"])
-        elif event == "ready":
-            self._tell("upgrade-ok", outcome=details["outcome"])
+        self.lifecycle.observers.append(observer)
 
     def add_readiness_check(self, check):
         """
@@ -248,11 +194,19 @@ class GracefulService(service.MultiService):
         self.readiness_checks.append(check)
 
     def when_ready(self):
+        """
+        A Deferred that fires with this service once it serves.
+        """
         d = defer.Deferred()
-        if self.ready:
+        if self.lifecycle.state not in (STARTING,):
             d.callback(self)
-        else:
-            self._ready_waiters.append(d)
+            return d
+
+        def serving(event, **details):
+            if event == "serving" and not d.called:
+                d.callback(self)
+
+        self.add_observer(serving)
         return d
 
     # --- start ------------------------------------------------------------
@@ -264,9 +218,15 @@ class GracefulService(service.MultiService):
                 OrderedDict((n, l.option) for n, l in self.listeners.items()),
             )
         inh = self.inheritance
-        self.upgrader.generation = inh.generation
+        self.lifecycle.generation = inh.generation
         if inh.pidfile:
             self.pidfile = inh.pidfile
+        if self.lineage is None:
+            if inh.lineage_fd is not None:
+                self.lineage = L.Lineage(inh.lineage_fd, self.pidfile)
+            else:
+                self.lineage = L.Lineage.create(self.pidfile)
+            self.lifecycle.lineage = self.lineage
         return inh
 
     def privilegedStartService(self):
@@ -287,27 +247,15 @@ class GracefulService(service.MultiService):
         protect_twistd_pidfile()
         self._install_sighup()
         for listener in self.listeners.values():
-            sock = inh.sockets[listener.name]
-            listener.port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, listener.factory)
-            # Not ready yet: the previous generation serves this queue alone
-            # until we know we can serve it too.
-            listener.port.stopReading()
-            sock.close()  # adoptStreamPort made its own copy (PITFALLS 2)
-            # Never shutdown() a shared socket (adopted TCP ports already skip it;
-            # UNIX ones do not), never unlink a path the next generation
-            # serves (PITFALLS 1).
-            listener.port._shouldShutdown = False
-            if sock.family == unix_transport.socket.AF_UNIX:
-                listener.port.connectionLost = functools.partial(
-                    tcp.Port.connectionLost, listener.port
-                )
+            # Not accepting yet: the previous generation serves this queue
+            # alone until we know we can serve it too.
+            listener.port = adopt_listening_port(
+                self.reactor, inh.sockets[listener.name], listener.factory)
         self.log.info(
             "pid {pid} generation {gen}: {how} {listeners}",
             pid=os.getpid(), gen=self.generation,
             how="inherited" if inh.source == "inherited" else "listening on",
-            listeners=", ".join(
-                f"{l.name}={describe_socket(l.port.socket)}" for l in self.listeners.values()
-            ),
+            listeners=", ".join(f"{n}={d}" for n, d in self.ports.descriptions().items()),
         )
         self._become_ready().addErrback(self._log_startup_failure)
 
@@ -320,37 +268,36 @@ class GracefulService(service.MultiService):
         # child is our own --ready-timeout.
         timeout = self.inheritance.ready_timeout or self.ready_timeout
         deadline = self.reactor.seconds() + timeout * 0.9
-        delay = 0.1
-        attempt = 1
+        attempt = 0
         while True:
             try:
                 for check in self.readiness_checks:
                     yield defer.maybeDeferred(check)
                 break
             except Exception as e:
-                remaining = deadline - self.reactor.seconds()
-                if remaining <= delay:
-                    self.log.critical(
-                        "pid {pid} generation {gen}: not ready after {n} attempt(s), giving up: "
-                        "{err}", pid=os.getpid(), gen=self.generation, n=attempt, err=e,
-                    )
-                    sys.stderr.write(f"twisted-graceful: not ready, giving up: {e}\n")
-                    sys.stderr.flush()
-                    os._exit(3)
+                delay = READINESS_RETRY(attempt)
+                attempt += 1
+                if deadline - self.reactor.seconds() <= delay:
+                    self._give_up(EXIT_NOT_READY, f"not ready after {attempt} attempt(s), "
+                                                  f"giving up: {e}")
                 self.log.warn(
                     "pid {pid} generation {gen}: readiness check failed (attempt {n}): {err}; "
                     "retrying in {delay:.1f} s",
                     pid=os.getpid(), gen=self.generation, n=attempt, err=e, delay=delay,
                 )
                 yield task.deferLater(self.reactor, delay, lambda: None)
-                attempt += 1
-                delay = min(delay * 2, 2.0)
-        if not self.running:
+        if not self.running or self.lifecycle.state != STARTING:
             return
-        for listener in self.listeners.values():
-            listener.port.startReading()
-        self.ready = True
         inh = self.inheritance
+        if inh.source == "inherited":
+            refusal = self.lineage.take_over(inh.parent_pid, os.getpid(), self.generation)
+            if refusal is not None:
+                self._give_up(EXIT_NOT_TAKING_OVER, f"ready, but not taking over: {refusal}; "
+                                                    f"exiting without having served")
+        else:
+            self.lineage.begin(os.getpid(), self.generation)
+        self.ports.resume()
+        source = inh.source
         if inh.ready_fd is not None:
             take_over_stdio(inh.stdio_fds)
             inh.stdio_fds = None
@@ -362,46 +309,29 @@ class GracefulService(service.MultiService):
             try:
                 ReadyPipe(inh.ready_fd).signal_ready()
             except OSError as e:
-                self._orphaned(e)
+                source = "orphaned"
+                self.log.critical(
+                    "pid {pid} generation {gen}: the previous generation (pid {parent}) is "
+                    "gone ({err}); serving on our own{pidfile}",
+                    pid=os.getpid(), gen=self.generation, parent=inh.parent_pid, err=e,
+                    pidfile=f" ({self.pidfile} names us)" if self.pidfile else "")
             inh.ready_fd = None
         else:
             self.log.info("pid {pid} generation {gen}: serving", pid=os.getpid(),
                           gen=self.generation)
-        self._tell("serving", generation=self.generation,
-                   inherited=inh.source == "inherited" and not self.orphaned,
-                   orphaned=self.orphaned)
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.callback(self)
+        self.lifecycle.ready(source, parent_pid=inh.parent_pid,
+                             listeners=self.ports.descriptions())
 
-    def _orphaned(self, error):
+    def _give_up(self, status, why):
         """
-        The generation that started us is gone (killed while we were getting
-        ready): nobody will hand the pidfile over, so take it ourselves.
+        This generation will not serve: say why where the parent reads it
+        (our stderr is its pipe until we are ready) and exit at once.
         """
-        self.orphaned = True
-        self.log.critical(
-            "pid {pid} generation {gen}: the previous generation (pid {parent}) is gone "
-            "({err}); serving on our own{pidfile}",
-            pid=os.getpid(), gen=self.generation, parent=self.inheritance.parent_pid,
-            err=error, pidfile=f" and writing {self.pidfile}" if self.pidfile else "",
-        )
-        self._write_pidfile(os.getpid())
-
-    def _write_pidfile(self, pid, then=""):
-        """
-        Name C{pid} in the pidfile, if there is one; a failure is logged, not
-        raised: it must not stop a handover or a takeover half-way.
-        """
-        if not self.pidfile:
-            return
-        try:
-            write_pidfile(self.pidfile, pid)
-        except OSError as e:
-            self.log.error(
-                "pid {me} generation {gen}: could not write pid {pid} to {path}: {err}{then}",
-                me=os.getpid(), gen=self.generation, pid=pid, path=self.pidfile, err=e,
-                then=then)
+        self.log.critical("pid {pid} generation {gen}: {why}", pid=os.getpid(),
+                          gen=self.generation, why=why)
+        sys.stderr.write(f"twisted-graceful: {why}\n")
+        sys.stderr.flush()
+        os._exit(status)
 
     def _log_startup_failure(self, failure):
         self.log.failure("pid {pid} generation {gen}: could not become ready", failure,
@@ -411,130 +341,36 @@ class GracefulService(service.MultiService):
     def upgrade(self, reason="upgrade requested"):
         """
         Start the next generation (what SIGHUP does).
+
+        @return: C{"started"}, C{"scheduled"} or C{"refused"}.
         """
-        if not self.ready and self.upgrader.state not in (HANDED_OVER, SHUTTING_DOWN):
-            self.log.warn(
-                "{reason} ignored: pid {pid} generation {gen} is not serving yet",
-                reason=reason, pid=os.getpid(), gen=self.generation,
-            )
-            return "refused"
-        return self.upgrader.request_upgrade(reason)
+        return self.lifecycle.request_upgrade(reason)
 
     def _next_command(self):
         if self.command is not None:
             return self.command() if callable(self.command) else self.command
         return next_generation_command(twistd_config_from_argv(sys.argv), sys.argv, self.cwd)
 
-    def _start_child(self, on_ready, on_failed):
+    def _spawn_next(self, lifecycle):
         executable, args = self._next_command()
-        proto = NextGenerationProcess(on_ready, on_failed, relay=self.relay_output,
-                                      reactor=self.reactor, kill_grace=self.abort_grace)
-        proto.on_exit_after_ready = self._successor_died
+        proto = NextGenerationProcess(lifecycle, relay=self.relay_output, reactor=self.reactor,
+                                      kill_grace=self.abort_grace)
         spawn_next_generation(
             self.reactor, proto, executable, args,
             OrderedDict((n, l.port.fileno()) for n, l in self.listeners.items()),
-            self.environ, self.generation + 1, self.pidfile, self.upgrader.ready_timeout,
-            self.cwd,
+            self.lineage.fileno(), self.environ, self.generation + 1, self.pidfile,
+            self.ready_timeout, self.cwd,
         )
         return proto
 
-    def _hand_over(self, child_pid):
-        # Stop accepting, but keep our copies of the sockets until the drain
-        # ends: if the new generation dies meanwhile, we take them back.
-        self.pause_accepting()
-        # The next generation writes to the same log file from now on; only
-        # one process may rotate it.
-        stop_rotating()
-        self._write_pidfile(child_pid, then=f"; the handover goes on (signal pid {child_pid} "
-                                           f"directly)")
-        self.log.info(
-            "pid {pid} generation {gen}: stopped accepting; pid {child} (generation {next}) "
-            "serves now{pidfile}; draining",
-            pid=os.getpid(), gen=self.generation, child=child_pid, next=self.generation + 1,
-            pidfile=f" and {self.pidfile} names it" if self.pidfile else "",
-        )
-        self.handed_over_to = child_pid
-        self._tell("handed-over", child_pid=child_pid)
-        self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace).addCallback(
-            self._handover_drained)
-
-    def _handover_drained(self, report):
-        self.stop_accepting()
-        try:
-            self.reactor.stop()  # stopService finds the drain done, and we exit
-        except error.ReactorNotRunning:
-            pass  # a SIGTERM during the drain got there first
-
-    def _successor_died(self, pid, how):
-        # We can take over again only while our own handover drain runs: not
-        # once it ended (the sockets are closed) nor during a real shutdown.
-        if (self.upgrader.state != HANDED_OVER or self._shutting_down
-                or not self.tracker.resume()):
-            self.log.critical(
-                "pid {pid} generation {gen}: pid {child}, which took over from us, {how}; "
-                "nothing accepts on the listeners until a new server starts",
-                pid=os.getpid(), gen=self.generation, child=pid, how=how)
-            return
-        self.upgrader.successor_died(pid, how)
-        for listener in self.listeners.values():
-            listener.port.startReading()
-        self._write_pidfile(os.getpid())
-        self.handed_over_to = None
-        self.log.critical(
-            "pid {pid} generation {gen}: pid {child} (generation {next}), which took over from "
-            "us, {how}; taking the listeners back and serving again",
-            pid=os.getpid(), gen=self.generation, child=pid, next=self.generation + 1, how=how)
-        self._tell("serving", generation=self.generation, inherited=False, orphaned=True)
-
-    def pause_accepting(self):
-        for listener in self.listeners.values():
-            if listener.port is not None:
-                listener.port.stopReading()
-
-    def stop_accepting(self):
-        """
-        Close our copies of the listening sockets: never C{shutdown()}, which
-        would stop them for the next generation too (PITFALLS 1, 10).
-        """
-        stopped = []
-        for listener in self.listeners.values():
-            if listener.port is not None:
-                stopped.append(defer.maybeDeferred(listener.port.stopListening))
-                listener.port = _Closed(listener.port)
-        return defer.DeferredList(stopped)
-
     # --- stop -------------------------------------------------------------
     def stopService(self):
-        self._shutting_down = True
-        # An unready child this shutdown abandons (not the one we handed over to).
-        abandoned = self.upgrader.child if self.upgrader.state == UPGRADING else None
-        if self.upgrader.state != HANDED_OVER:
-            self.upgrader.shutting_down()
-            self.log.info(
-                "pid {pid} generation {gen}: shutting down; no longer accepting",
-                pid=os.getpid(), gen=self.generation,
-            )
-            self.stop_accepting()
-            self._tell("shutting-down")
         if self.install_signal_handlers:
             # The reactor is stopping already: its own handlers would raise.
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._signal_while_draining)
-        d = self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace)
-        if abandoned is not None and not abandoned.finished:
-            # Wait for it too: it gets SIGTERM, then SIGKILL after --abort-grace.
-            d = defer.gatherResults([d, abandoned.ended]).addCallback(lambda results: results[0])
-
-        def drained(report):
-            self.drain_report = report
-            self._tell("drained", report=report)
-            self.log.info(
-                "pid {pid} generation {gen}: {summary}; exiting",
-                pid=os.getpid(), gen=self.generation, summary=report.summary(),
-            )
-            return service.MultiService.stopService(self)
-
-        d.addCallback(drained)
+        d = self.lifecycle.stop()
+        d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(self._release_pidfile)
         return d
 
@@ -546,31 +382,13 @@ class GracefulService(service.MultiService):
             "pid {pid} generation {gen}: {name} ignored: already draining {n} connection(s); "
             "the drain ends by --drain-timeout ({t} s) plus --abort-grace ({g} s) at the latest",
             pid=os.getpid(), gen=self.generation, name=name, n=len(self.tracker),
-            t=self.drain_timeout, g=self.abort_grace,
+            t=self.lifecycle.drain_timeout, g=self.abort_grace,
         )
 
     def _release_pidfile(self, result):
-        if self.pidfile and self.inheritance is not None and self.inheritance.source == "inherited":
-            remove_pidfile_if_own(self.pidfile)
+        # A generation twistd started itself leaves that to twistd (whose
+        # removePID is made to check whose PID the file holds).
+        inh = self.inheritance
+        if self.lineage is not None and inh is not None and inh.source == "inherited":
+            self.lineage.release_pidfile(os.getpid())
         return result
-
-
-class _Closed:
-    """
-    Stands in for a port this generation no longer accepts on.
-    """
-
-    def __init__(self, port):
-        self.socket = port.socket
-
-    def fileno(self):
-        return -1
-
-    def stopListening(self):
-        return None
-
-    def startReading(self):
-        pass
-
-    def stopReading(self):
-        pass

@@ -14,7 +14,6 @@ import time
 from twisted.logger import Logger
 from twisted.web import resource
 
-from twisted_graceful.listeners import describe_socket
 from twisted_graceful.pidfile import pid_alive
 
 STATUS_SUFFIX = ".status.json"
@@ -76,33 +75,43 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
 class ProcessStatus:
     """
     What one generation says about itself: the content of C{GET /status} and
-    of its entry in the status file. Built by observing the L{GracefulService}.
+    of its entry in the status file, built from the events of the
+    L{GracefulService} alone (their payloads are complete).
     """
 
     def __init__(self, graceful, clock=time.time):
         self.graceful = graceful
         self.clock = clock
         self.started_at = clock()
+        self.pid = None
+        self.generation = None
+        self.state = "starting"
         self.serving_since = None
-        self.child_since = None
-        self.handed_over_to = None
-        self.drain = None
-        self.exited = False
+        self.source = None
+        self.parent_pid = None
         self.listeners = {}
+        self.child = None
+        self.last_upgrade = None
+        self.took_back_from = None
+        self.drain = None
         graceful.add_observer(self._event)
 
-    def _event(self, event, **details):
+    def _event(self, event, pid=None, generation=None, state=None, **details):
+        self.pid, self.generation, self.state = pid, generation, state
         if event == "serving":
             self.serving_since = self.clock()
-            for name, listener in self.graceful.listeners.items():
-                try:
-                    self.listeners[name] = describe_socket(listener.port.socket)
-                except (AttributeError, OSError):
-                    pass
+            self.source = details.get("source")
+            if details.get("parent_pid") is not None:
+                self.parent_pid = details["parent_pid"]
+            self.listeners.update(details.get("listeners") or {})
         elif event == "upgrade-started":
-            self.child_since = self.clock()
-        elif event == "handed-over":
-            self.handed_over_to = details.get("child_pid")
+            self.child = {"pid": details["child_pid"], "since": self.clock()}
+        elif event in ("upgrade-ok", "upgrade-failed"):
+            self.child = None
+            self.last_upgrade = details["outcome"].as_dict()
+        elif event == "successor-exited" and details.get("result") == "took-back":
+            self.took_back_from = {"pid": details["successor_pid"], "how": details["how"],
+                                   "at": self.clock()}
         elif event == "drained":
             report = details["report"]
             self.drain = {
@@ -114,33 +123,21 @@ class ProcessStatus:
                 "cut": len(report.cut),
                 "finished_at": self.clock(),
             }
-            self.exited = True
-
-    @property
-    def state(self):
-        return "exited" if self.exited else self.graceful.state
 
     def as_dict(self):
-        graceful = self.graceful
-        upgrader = graceful.upgrader
-        state = self.state
-        child = upgrader.child if state == "upgrading" else None
-        inheritance = graceful.inheritance
-        inherited = inheritance is not None and inheritance.source == "inherited"
-        outcome = upgrader.last_outcome
         return {
-            "pid": os.getpid(),
-            "generation": graceful.generation,
-            "state": state,
+            "pid": self.pid or os.getpid(),
+            "generation": self.generation or self.graceful.generation,
+            "state": self.state,
             "started_at": self.started_at,
             "serving_since": self.serving_since,
-            "parent_pid": inheritance.parent_pid if inherited else None,
-            "pidfile": graceful.pidfile,
+            "source": self.source,
+            "parent_pid": self.parent_pid,
+            "pidfile": self.graceful.pidfile,
             "listeners": dict(self.listeners),
-            "child": None if child is None else {
-                "pid": getattr(child, "pid", None), "since": self.child_since},
-            "last_upgrade": None if outcome is None else outcome.as_dict(),
-            "handed_over_to": self.handed_over_to,
+            "child": None if self.child is None else dict(self.child),
+            "last_upgrade": self.last_upgrade,
+            "took_back_from": self.took_back_from,
             "drain": self.drain,
             "updated_at": self.clock(),
         }

@@ -13,7 +13,8 @@ from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful import logs, metrics
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
-from twisted_graceful.service import GracefulService, Inheritance
+from twisted_graceful.inherit import Inheritance
+from twisted_graceful.service import GracefulService
 from twisted_graceful.store import Store
 from twisted_graceful.txn import TxnFactory
 
