@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from twisted_graceful.statusfile import read_status
 from twisted_graceful.pidfile import pid_alive  # noqa: F401 (tests import it from here)
 
 # The twistd script installed with this interpreter (a `twistd` found on PATH
@@ -25,6 +26,8 @@ TWISTD = _BESIDE if os.path.exists(_BESIDE) else shutil.which("twistd")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = re.compile(r"pid (\d+) generation (\d+): (?:listening on|inherited) (.*)$")
 DEFAULT_TIMEOUT = 30.0
+MARKER_ENV = "GRACEFUL_TEST_SERVER"
+SETTLED_STATES = ("serving", "draining", "shutting-down", "exited")
 
 
 class ServerProcess:
@@ -55,6 +58,10 @@ class ServerProcess:
         # file only names the module).
         self.env["PYTHONPATH"] = os.pathsep.join(
             [REPO] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        # Every generation inherits our environment: this marks the
+        # processes of this server, whoever their parent is now.
+        self.marker = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
+        self.env[MARKER_ENV] = self.marker
         self.lines = []
         self._cond = threading.Condition()
         self._eof = False
@@ -240,6 +247,89 @@ class ServerProcess:
                 raise AssertionError(f"pid {pid} still alive after {timeout} s; output:\n"
                                      + self.output())
             time.sleep(0.01)  # no event tells us another process is gone
+
+    # --- state --------------------------------------------------------------
+    def live_processes(self):
+        """
+        The PIDs of every process of this server that is alive now (found by
+        the marker in their environment, not by parentage: an old generation
+        may have been re-parented to init).
+        """
+        needle = f"{MARKER_ENV}={self.marker}".encode()
+        found = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.add(int(name))
+            except OSError:
+                continue
+        return {pid for pid in found if pid_alive(pid)}
+
+    def status(self):
+        """
+        The status file's entries: pid -> entry.
+        """
+        doc = read_status(self.pidfile + ".status.json") or {"processes": {}}
+        return {int(pid): entry for pid, entry in doc["processes"].items()}
+
+    def wait_settled(self, timeout=DEFAULT_TIMEOUT, changed_from=None):
+        """
+        Wait until no upgrade is in progress or scheduled in any live process
+        of this server and each has said what it is doing (and, with
+        C{changed_from}, the pidfile names another pid than that); return (the
+        pidfile's pid or None, live pids, status entries).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            live = self.live_processes()
+            entries = self.status()
+            try:
+                current = self.read_pidfile()
+            except (OSError, ValueError):
+                current = None
+            unsettled = [
+                pid for pid in live
+                if pid not in entries or entries[pid].get("state") not in SETTLED_STATES
+                or entries[pid].get("scheduled_upgrade")
+            ]
+            if not unsettled and (not live or current in live) and (
+                    changed_from is None or current != changed_from):
+                return current, live, entries
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"not settled after {timeout} s: live {sorted(live)}, pidfile {current}, "
+                    f"unsettled {unsettled}, states "
+                    f"{ {p: entries.get(p, {}).get('state') for p in live} }\n" + self.output())
+            time.sleep(0.05)  # several processes' state: nothing single to wait on
+
+    def assert_only_current_accepts(self, port, current, requests=12):
+        """
+        Fresh connections are all answered by C{current}, and every other
+        live process of the server drains (invariant 1); the pidfile names
+        C{current} (invariant 2).
+        """
+        answers = [pid_in(http_get(port)[1]) for _ in range(requests)]
+        self.testcase.assertEqual(set(answers), {current}, self.output(30))
+        entries = self.status()
+        for pid in self.live_processes() - {current}:
+            self.testcase.assertIn(entries.get(pid, {}).get("state"),
+                                   ("draining", "shutting-down", "exited"),
+                                   f"pid {pid} is alive beside current pid {current}")
+        self.testcase.assertEqual(self.read_pidfile(), current)
+
+    def assert_all_gone_within(self, seconds):
+        """
+        Every process of this server exits within C{seconds} (invariant 4).
+        """
+        deadline = time.monotonic() + seconds
+        while self.live_processes():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still alive {seconds} s after SIGTERM: "
+                                     f"{sorted(self.live_processes())}\n" + self.output())
+            time.sleep(0.05)
 
     def signal(self, pid, sig):
         os.kill(pid, sig)

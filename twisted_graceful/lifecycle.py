@@ -21,6 +21,9 @@ and C{state} (the state after the event) besides its own details:
   - C{serving}: C{source} (C{bound}, C{systemd}, C{inherited}: announced by
     the parent; C{orphaned}: the parent died before it heard we were ready;
     C{took-back}), C{parent_pid}, C{listeners} (name -> address);
+  - C{upgrade-scheduled}: C{delay} (seconds), C{reason}: a signal during the
+    backoff after a failed upgrade, run once the backoff is over;
+  - C{upgrade-unscheduled}: C{why}: that attempt will not run;
   - C{upgrade-started}: C{child_pid}, C{reason};
   - C{upgrade-failed}, C{upgrade-ok}: C{outcome} (an L{UpgradeOutcome});
   - C{handed-over}: C{child_pid}, C{pidfile_error} (a sentence or None);
@@ -229,6 +232,7 @@ class Lifecycle:
                     "{who}: {reason}: backing off after {n} failed upgrade(s); the next attempt "
                     "will run in {wait:.1f} s", who=self._who(), reason=reason, n=self.failures,
                     wait=wait)
+                self._tell("upgrade-scheduled", delay=wait, reason=reason)
             else:
                 self.log.warn(
                     "{who}: {reason} ignored: an attempt is already scheduled in {wait:.1f} s "
@@ -242,6 +246,8 @@ class Lifecycle:
         self._scheduled = None
         if self.refusal("upgrade") is None:
             self._start(reason + " (after backoff)")
+        else:
+            self._tell("upgrade-unscheduled", why=self.refusal("upgrade"))
 
     def _start(self, reason):
         self._move("upgrade")
@@ -440,6 +446,7 @@ class Lifecycle:
             return self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace)
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
+            self._tell("upgrade-unscheduled", why="shutting down")
         abandoned = None
         was_current = self.state != DRAINING
         if self.state == UPGRADING and self.child is not None:

@@ -91,6 +91,7 @@ class ProcessStatus:
         self.parent_pid = None
         self.listeners = {}
         self.child = None
+        self.scheduled_upgrade = None
         self.last_upgrade = None
         self.took_back_from = None
         self.drain = None
@@ -104,7 +105,13 @@ class ProcessStatus:
             if details.get("parent_pid") is not None:
                 self.parent_pid = details["parent_pid"]
             self.listeners.update(details.get("listeners") or {})
+        elif event == "upgrade-scheduled":
+            self.scheduled_upgrade = {"at": self.clock() + details["delay"],
+                                      "reason": details.get("reason")}
+        elif event == "upgrade-unscheduled":
+            self.scheduled_upgrade = None
         elif event == "upgrade-started":
+            self.scheduled_upgrade = None
             self.child = {"pid": details["child_pid"], "since": self.clock()}
         elif event in ("upgrade-ok", "upgrade-failed"):
             self.child = None
@@ -136,6 +143,7 @@ class ProcessStatus:
             "pidfile": self.graceful.pidfile,
             "listeners": dict(self.listeners),
             "child": None if self.child is None else dict(self.child),
+            "scheduled_upgrade": self.scheduled_upgrade,
             "last_upgrade": self.last_upgrade,
             "took_back_from": self.took_back_from,
             "drain": self.drain,
