@@ -505,7 +505,7 @@ class Run:
     async def reuseport(self, modes, upgrades):
         """
         Start the new process on the same port with SO_REUSEPORT, then stop the
-        old one: its accept queue is lost (PITFALLS 9).
+        old one: its accept queue is lost (docs/design.md, fact 9).
         """
         return await self._two_process(modes, upgrades, "reuse-port", overlap=True)
 

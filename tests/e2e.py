@@ -305,6 +305,28 @@ class ServerProcess:
                     f"{ {p: entries.get(p, {}).get('state') for p in live} }\n" + self.output())
             time.sleep(0.05)  # several processes' state: nothing single to wait on
 
+    def request_upgrade(self, pid, timeout=DEFAULT_TIMEOUT):
+        """
+        SIGHUP to C{pid}, and wait until it has answered the request (its
+        status entry counts requests); return its answer (C{started},
+        C{scheduled}, C{refused}), or None if C{pid} exited first.
+        """
+        before = self.status().get(pid, {}).get("upgrade_requests", 0)
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.status().get(pid, {})
+            if entry.get("upgrade_requests", 0) > before:
+                return entry["last_request"]["answer"]
+            if not pid_alive(pid):
+                return None
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pid {pid} did not answer SIGHUP\n" + self.output())
+            time.sleep(0.01)  # the status file is written by another process
+
     def assert_only_current_accepts(self, port, current, requests=12):
         """
         Fresh connections are all answered by C{current}, and every other

@@ -76,7 +76,7 @@ class FakeWorld:
 
 def upgrade_ok(world):
     world.alive_pids.add(NEW)
-    world.entry(OLD, state="draining", last_upgrade=world.outcome("ok"), handed_over_to=NEW)
+    world.entry(OLD, state="draining", last_upgrade=world.outcome("ok"))
 
 
 def new_serving(world):
@@ -228,6 +228,26 @@ class StatusCommandTests(unittest.TestCase):
         self.assertIn("http=tcp:1.2.3.4:80", first)
         self.assertIn("last upgrade failed", second)
         self.assertIn("RuntimeError: boom", second)
+
+    def test_took_back_and_older_generations_still_draining(self):
+        """
+        After a take-back, status says from which pid and why; generations
+        still draining are listed as such, dead ones are not.
+        """
+        self.world.alive_pids.update({OLD, 7000})
+        self.world.entry(OLD, generation=2, took_back_from={
+            "pid": NEW, "how": "was killed by SIGKILL", "at": self.world.wall},
+            last_request={"reason": "SIGHUP", "answer": "scheduled",
+                          "why": "backing off after 1 failed upgrade(s)", "at": self.world.wall})
+        self.world.entry(7000, generation=1, state="draining")
+        self.world.entry(NEW, generation=3, state="serving")  # dead: not listed
+        code, out = self.status()
+        self.assertIn("took the listeners back at ", out)
+        self.assertIn(f"from pid {NEW}, which was killed by SIGKILL", out)
+        self.assertIn("last SIGHUP at ", out)
+        self.assertIn("scheduled: backing off after 1 failed upgrade(s)", out)
+        self.assertIn("also running: pid 7000 generation 1 (draining; it no longer accepts)", out)
+        self.assertNotIn(f"pid {NEW} generation 3", out)
 
     def test_upgrading(self):
         self.world.entry(OLD, state="upgrading", child={"pid": NEW, "since": self.world.wall})

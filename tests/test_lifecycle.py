@@ -168,7 +168,7 @@ class UpgradeTests(LifecycleTestCase):
         self.assertEqual(self.life.request_upgrade(), "started")
         self.assertEqual(self.life.state, LC.UPGRADING)
         self.assertEqual(self.lineage.read()["pending"], 1000)
-        self.assertEqual(self.names()[-1], "upgrade-started")
+        self.assertEqual(self.names()[-2:], ["upgrade-started", "upgrade-requested"])
         self.assertTrue(self.ports.accepting)
 
     def test_second_request_during_upgrade_is_refused_with_reason(self):

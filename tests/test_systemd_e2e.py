@@ -1,6 +1,6 @@
 """
 End to end under systemd's socket activation, emulated by
-C{systemd-socket-activate} (PITFALLS 15): real twistd processes adopt the
+C{systemd-socket-activate} (docs/design.md, fact 15): real twistd processes adopt the
 passed sockets by name, upgrade through our own handoff, and tell a fake
 NOTIFY_SOCKET (an AF_UNIX datagram socket owned by the test, reading the
 sender's PID from SCM_CREDENTIALS like systemd) what they do.
@@ -171,7 +171,7 @@ class SocketActivationTests(unittest.TestCase):
     def test_endpoints_imported_first(self):
         """
         Even when twisted.internet.endpoints was imported before twistd (it
-        deletes LISTEN_PID and LISTEN_FDS, PITFALLS 7), the sockets are
+        deletes LISTEN_PID and LISTEN_FDS, docs/design.md fact 7), the sockets are
         adopted.
         """
         launcher = (

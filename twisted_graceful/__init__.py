@@ -3,7 +3,7 @@ twisted-graceful: zero-downtime restarts and upgrades for Twisted servers.
 """
 
 # First: keeps a copy of LISTEN_PID/LISTEN_FDS before anything imports
-# twisted.internet.endpoints, which deletes them (PITFALLS 7).
+# twisted.internet.endpoints, which deletes them (docs/design.md, fact 7).
 from twisted_graceful import systemd as _systemd  # noqa: F401,I001
 from twisted_graceful.drain import DrainableConnection, DrainTracker
 from twisted_graceful.http import GracefulSite, self_test_request

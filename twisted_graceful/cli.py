@@ -222,10 +222,22 @@ def status(pidfile, out=None, as_json=False, alive=pid_alive):
     listeners = entry.get("listeners") or {}
     if listeners:
         line += " (" + ", ".join(f"{k}={v}" for k, v in listeners.items()) + ")"
-    second = describe_upgrade(entry.get("last_upgrade"))
+    lines = [line, describe_upgrade(entry.get("last_upgrade"))]
     if not entry.get("last_upgrade") and entry.get("parent_pid"):
-        second = f"took over from pid {entry['parent_pid']}; no upgrade since"
-    out.write(line + "\n" + second + "\n")
+        lines[1] = f"took over from pid {entry['parent_pid']}; no upgrade since"
+    took_back = entry.get("took_back_from")
+    if took_back:
+        lines.append(f"took the listeners back at {_when(took_back.get('at'))} from pid "
+                     f"{took_back.get('pid')}, which {took_back.get('how')}")
+    request = entry.get("last_request")
+    if request and request.get("answer") != "started":
+        lines.append(f"last {request.get('reason')} at {_when(request.get('at'))} "
+                     f"{request.get('answer')}: {request.get('why')}")
+    for other, other_entry in sorted((doc or {}).get("processes", {}).items()):
+        if other != str(pid) and alive(int(other)) and other_entry.get("state") != "exited":
+            lines.append(f"also running: pid {other} generation {other_entry.get('generation')} "
+                         f"({other_entry.get('state')}; it no longer accepts)")
+    out.write("\n".join(lines) + "\n")
     out.flush()
     return EXIT_OK
 

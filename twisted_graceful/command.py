@@ -1,5 +1,5 @@
 """
-The command line of the next generation (PITFALLS 4 and 5).
+The command line of the next generation (docs/design.md, facts 4 and 5).
 
 The next process runs the same interpreter and the same twistd command line,
 except that it never daemonizes (its PID must stay the one we wait for), never

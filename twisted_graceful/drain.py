@@ -84,7 +84,7 @@ def close_in_stages(transport, call_later, linger=LINGER_SECONDS):
     """
     Flush, half-close, and let the peer's FIN (or C{linger} seconds) end the
     connection: closing a socket with unread input sends a reset, which can
-    erase the last reply before the client reads it (PITFALLS 11). The caller
+    erase the last reply before the client reads it (docs/design.md, fact 11). The caller
     drops what is read meanwhile.
 
     @return: the delayed call that closes for good, or L{None} if the

@@ -1,7 +1,7 @@
 """
 HTTP that drains: every channel is tracked, and a draining channel finishes the
 request it handles, answers it with C{Connection: close} and closes in stages
-(PITFALLS 8 and 11).
+(docs/design.md, facts 8 and 11).
 """
 
 import socket

@@ -21,6 +21,8 @@ and C{state} (the state after the event) besides its own details:
   - C{serving}: C{source} (C{bound}, C{systemd}, C{inherited}: announced by
     the parent; C{orphaned}: the parent died before it heard we were ready;
     C{took-back}), C{parent_pid}, C{listeners} (name -> address);
+  - C{upgrade-requested}: C{reason} (C{SIGHUP}), C{answer} (C{started},
+    C{scheduled}, C{refused}), C{why}: every request, once it is answered;
   - C{upgrade-scheduled}: C{delay} (seconds), C{reason}: a signal during the
     backoff after a failed upgrade, run once the backoff is over;
   - C{upgrade-unscheduled}: C{why}: that attempt will not run;
@@ -218,11 +220,16 @@ class Lifecycle:
 
         @return: C{"started"}, C{"scheduled"} or C{"refused"}.
         """
+        answer, why = self._request_upgrade(reason)
+        self._tell("upgrade-requested", reason=reason, answer=answer, why=why)
+        return answer
+
+    def _request_upgrade(self, reason):
         refusal = self.refusal("upgrade")
         if refusal is not None:
             self.log.warn("{who}: {reason} ignored: {why}", who=self._who(), reason=reason,
                           why=refusal)
-            return "refused"
+            return "refused", refusal
         now = self.reactor.seconds()
         if self.next_attempt_at is not None and now < self.next_attempt_at:
             wait = self.next_attempt_at - now
@@ -233,14 +240,14 @@ class Lifecycle:
                     "will run in {wait:.1f} s", who=self._who(), reason=reason, n=self.failures,
                     wait=wait)
                 self._tell("upgrade-scheduled", delay=wait, reason=reason)
-            else:
-                self.log.warn(
-                    "{who}: {reason} ignored: an attempt is already scheduled in {wait:.1f} s "
-                    "(backing off after {n} failed upgrade(s))", who=self._who(), reason=reason,
-                    wait=wait, n=self.failures)
-            return "scheduled"
+                return "scheduled", f"backing off after {self.failures} failed upgrade(s)"
+            self.log.warn(
+                "{who}: {reason} ignored: an attempt is already scheduled in {wait:.1f} s "
+                "(backing off after {n} failed upgrade(s))", who=self._who(), reason=reason,
+                wait=wait, n=self.failures)
+            return "scheduled", "an attempt is already scheduled"
         self._start(reason)
-        return "started"
+        return "started", None
 
     def _run_scheduled(self, reason):
         self._scheduled = None

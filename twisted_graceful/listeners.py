@@ -4,7 +4,7 @@ Listening sockets that survive a generation change.
 Every generation owns a raw listening socket (bound here, inherited from the
 previous generation, or passed by systemd) and serves it through
 C{reactor.adoptStreamPort}: a C{listenTCP} port would C{shutdown(2)} the shared
-socket for every process when it stops (PITFALLS 1).
+socket for every process when it stops (docs/design.md, fact 1).
 """
 
 import errno

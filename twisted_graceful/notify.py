@@ -5,7 +5,7 @@ observer of L{GracefulService} that tells systemd what each generation does.
     graceful = GracefulService(reactor, ...)
     install_sd_notify(graceful)     # does nothing when NOTIFY_SOCKET is unset
 
-What systemd hears (PITFALLS 14):
+What systemd hears (docs/design.md, fact 14):
 
   - the first generation (or any one not started by our own handoff), once
     ready: C{READY=1}, C{STATUS=serving as PID p (generation g)};

@@ -1,5 +1,5 @@
 """
-The pidfile follows the live generation (PITFALLS 5).
+The pidfile follows the live generation (docs/design.md, fact 5).
 
 It is written atomically (C{os.replace}) by the old generation once the new
 one is ready, before the old one exits; a generation removes it at exit only

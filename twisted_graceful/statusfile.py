@@ -92,6 +92,8 @@ class ProcessStatus:
         self.listeners = {}
         self.child = None
         self.scheduled_upgrade = None
+        self.upgrade_requests = 0
+        self.last_request = None
         self.last_upgrade = None
         self.took_back_from = None
         self.drain = None
@@ -105,6 +107,10 @@ class ProcessStatus:
             if details.get("parent_pid") is not None:
                 self.parent_pid = details["parent_pid"]
             self.listeners.update(details.get("listeners") or {})
+        elif event == "upgrade-requested":
+            self.upgrade_requests += 1
+            self.last_request = {"reason": details.get("reason"), "answer": details.get("answer"),
+                                 "why": details.get("why"), "at": self.clock()}
         elif event == "upgrade-scheduled":
             self.scheduled_upgrade = {"at": self.clock() + details["delay"],
                                       "reason": details.get("reason")}
@@ -144,6 +150,8 @@ class ProcessStatus:
             "listeners": dict(self.listeners),
             "child": None if self.child is None else dict(self.child),
             "scheduled_upgrade": self.scheduled_upgrade,
+            "upgrade_requests": self.upgrade_requests,
+            "last_request": self.last_request,
             "last_upgrade": self.last_upgrade,
             "took_back_from": self.took_back_from,
             "drain": self.drain,

@@ -6,7 +6,7 @@ binding them.
 We read the variables ourselves rather than through L{twisted.python.systemd}:
 importing L{twisted.internet.endpoints} makes Twisted consume (delete)
 C{LISTEN_PID}/C{LISTEN_FDS}, and it returns nothing at all when the names do
-not match the count (PITFALLS 7). In Twisted 26.10 C{twistd graceful} does not
+not match the count (docs/design.md, fact 7). In Twisted 26.10 C{twistd graceful} does not
 import C{endpoints} before our options run, but an application (a C{.tac}, a
 plugin) may. So:
 
@@ -277,7 +277,7 @@ def adopt(specs, environ=None, options=None, pid=None, start=SD_LISTEN_FDS_START
                 )
             sockets[name] = sock
             # systemd passes blocking sockets unless NonBlocking=yes; the flag is
-            # on the shared open file description (PITFALLS 2): setting it is
+            # on the shared open file description (docs/design.md, fact 2): setting it is
             # what every later generation needs too.
             sock.setblocking(False)
     except BaseException:

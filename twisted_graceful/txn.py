@@ -8,7 +8,7 @@ database only at C{COMMIT}, all at once (L{Store.commit}); outside C{BEGIN}
 every command is its own transaction. A connection drains at its next
 transaction boundary: the reply that ends the transaction is followed by
 C{421} and the connection is closed in stages; what the client pipelined after
-that boundary is never executed (PITFALLS 12).
+that boundary is never executed (docs/design.md, fact 12).
 """
 
 import math
