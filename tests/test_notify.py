@@ -151,6 +151,22 @@ class SdNotifierTests(unittest.TestCase):
         self.tell("drained", report=None)
         self.assertEqual(len(self.sent), 1)
 
+    def test_took_back_announces_itself_as_main_pid(self):
+        conn = FakeConn()
+        self.graceful.tracker.add(conn)
+        self.tell("handed-over", child_pid=200)
+        self.tell("serving", source="took-back")
+        self.assertEqual(self.sent[-1], "MAINPID=100\nREADY=1\nSTATUS=serving as PID 100 "
+                                        "(generation 1)")
+        # No "draining" status any more once it serves again.
+        self.graceful.tracker.remove(conn)
+        self.graceful.reactor.advance(5)
+        self.assertEqual(len(self.sent), 2)
+
+    def test_old_generation_stopping_says_nothing(self):
+        self.tell("shutting-down", was_current=False)
+        self.assertEqual(self.sent, [])
+
     def test_status_at_most_once_per_interval(self):
         conns = [FakeConn() for _ in range(5)]
         for c in conns:
