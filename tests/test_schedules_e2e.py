@@ -218,10 +218,13 @@ class Schedules(RuleBasedStateMachine):
                 if not lines.readline():  # the greeting
                     return None  # queued when the server stopped: never served
                 sock.sendall(f"BEGIN\r\nSET {key} 1\r\n".encode())
-                lines.readline(), lines.readline()
+                begin = lines.readline()
+                if not begin.startswith(b"250"):
+                    return ("begin", begin)  # told to go away before its transaction began
+                lines.readline()
                 time.sleep(seconds)  # the client thinks: the transaction stays open
                 sock.sendall(b"COMMIT\r\n")
-                return lines.readline()
+                return ("commit", lines.readline())
 
         self.clients.append(Client("transaction", work))
 
@@ -283,7 +286,11 @@ class Schedules(RuleBasedStateMachine):
                 self.testcase.assertEqual(client.result[0], 200)
                 self.testcase.assertIsNotNone(pid_in(client.result[1]))
             else:
-                self.testcase.assertRegex(client.result, rb"^250 committed txid=\d+")
+                stage, reply = client.result
+                if stage == "begin":  # never begun, and told so at a boundary
+                    self.testcase.assertRegex(reply, rb"^421 ")
+                else:
+                    self.testcase.assertRegex(reply, rb"^250 committed txid=\d+")
 
 
 class ScheduleTests(unittest.SynchronousTestCase):
