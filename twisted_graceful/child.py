@@ -7,7 +7,7 @@ parent's stdout/stderr once it does.
 import os
 import sys
 
-from twisted_graceful.handoff import format_ready_message
+from twisted_graceful.handoff import close_quietly, format_ready_message
 
 
 class ReadyPipe:
@@ -27,10 +27,7 @@ class ReadyPipe:
 
     def close(self):
         if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
+            close_quietly(self.fd)
             self.fd = None
 
 

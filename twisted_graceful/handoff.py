@@ -201,7 +201,7 @@ def inherit_listeners(environ, wanted):
             sock.close()
         raise
     for fd in mapping.values():
-        _close_quietly(fd)
+        close_quietly(fd)
     return sockets
 
 
@@ -304,7 +304,10 @@ def forget_handoff(environ):
         environ.pop(name, None)
 
 
-def _close_quietly(fd):
+def close_quietly(fd):
+    """
+    Close C{fd}; an fd already closed is not an error.
+    """
     try:
         os.close(fd)
     except OSError:

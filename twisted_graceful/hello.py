@@ -29,7 +29,7 @@ class ServerIdentity:
 
     @property
     def draining(self):
-        return self._service.state == "draining"
+        return self._service.draining
 
     def __str__(self):
         return f"pid {self.pid} (generation {self.generation})"

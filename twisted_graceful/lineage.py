@@ -26,6 +26,7 @@ import os
 import stat
 import tempfile
 
+from twisted_graceful.handoff import close_quietly
 from twisted_graceful.pidfile import remove_pidfile_if_own, write_pidfile
 
 # What a generation learns when a successor of it ends (successor_ended):
@@ -89,10 +90,7 @@ class Lineage:
 
     def close(self):
         if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
+            close_quietly(self.fd)
             self.fd = None
 
     # --- the record -------------------------------------------------------
