@@ -275,12 +275,13 @@ class ServerProcess:
         doc = read_status(self.pidfile + ".status.json") or {"processes": {}}
         return {int(pid): entry for pid, entry in doc["processes"].items()}
 
-    def wait_settled(self, timeout=DEFAULT_TIMEOUT, changed_from=None):
+    def wait_settled(self, timeout=DEFAULT_TIMEOUT, changed_from=None, serving=False):
         """
         Wait until no upgrade is in progress or scheduled in any live process
         of this server and each has said what it is doing (and, with
-        C{changed_from}, the pidfile names another pid than that); return (the
-        pidfile's pid or None, live pids, status entries).
+        C{changed_from}, the pidfile names another pid than that; with
+        C{serving}, some process serves); return (the pidfile's pid or None,
+        live pids, status entries).
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -295,7 +296,7 @@ class ServerProcess:
                 if pid not in entries or entries[pid].get("state") not in SETTLED_STATES
                 or entries[pid].get("scheduled_upgrade")
             ]
-            if not unsettled and (not live or current in live) and (
+            if not unsettled and (current in live or (not live and not serving)) and (
                     changed_from is None or current != changed_from):
                 return current, live, entries
             if time.monotonic() > deadline:

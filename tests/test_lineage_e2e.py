@@ -37,8 +37,7 @@ class LineageTestCase(unittest.TestCase):
             "--drain-timeout", str(DRAIN_TIMEOUT), "--abort-grace", str(ABORT_GRACE),
             "--ready-timeout", "20",
         ]).start()
-        current, _, entries = server.wait_settled()
-        self.assertIsNotNone(current)
+        current, _, entries = server.wait_settled(serving=True)
         return server, current, ports_of(entries[current])
 
     def upgrade(self, server, current):

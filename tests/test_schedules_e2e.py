@@ -24,6 +24,7 @@ GRACEFUL_SCHEDULE_EXAMPLES (default 8) and GRACEFUL_SCHEDULE_STEPS (default
 10) make a longer run.
 """
 
+import functools
 import os
 import random
 import signal
@@ -119,6 +120,24 @@ class Client:
         return any(self.started <= t <= end for t in moments)
 
 
+def recorded(step):
+    """
+    Keep the first failure of any schedule with the steps that led to it:
+    Hypothesis replays a failing schedule to confirm it, and with real
+    processes the replay may fail elsewhere or not at all.
+    """
+
+    @functools.wraps(step)
+    def run(self, *args, **kwargs):
+        try:
+            return step(self, *args, **kwargs)
+        except BaseException as e:
+            self.failures.append((list(self.steps), e))
+            raise
+
+    return run
+
+
 class Schedules(RuleBasedStateMachine):
     """
     One server at a time; restarted when a step leaves nothing serving.
@@ -126,6 +145,7 @@ class Schedules(RuleBasedStateMachine):
 
     testcase = None  # set by the test
     log = None  # every schedule's steps, for the failure report
+    failures = None  # (steps, exception) of every failed step
 
     def __init__(self):
         super().__init__()
@@ -146,7 +166,7 @@ class Schedules(RuleBasedStateMachine):
         self.db = os.path.join(cwd, "store.sqlite3")
         self.deploy("good")
         self.server = ServerProcess(self.testcase, ["--python", self.tac], cwd=cwd).start()
-        current, _, entries = self.server.wait_settled()
+        current, _, entries = self.server.wait_settled(serving=True)
         self.current = current
         self.ports = {name: int(where.rsplit(":", 1)[1])
                       for name, where in entries[current]["listeners"].items()}
@@ -177,6 +197,7 @@ class Schedules(RuleBasedStateMachine):
     # --- steps ------------------------------------------------------------
     @rule(deploy=st.sampled_from(["good", "good", "broken", "never-ready",
                                   "dies-after-takeover"]))
+    @recorded
     def hup(self, deploy):
         self.steps.append(f"hup({deploy!r})")
         self.deploy(deploy)
@@ -188,6 +209,7 @@ class Schedules(RuleBasedStateMachine):
         self.settle_and_check()
 
     @rule(count=st.integers(2, 4), deploy=st.sampled_from(["good", "broken"]))
+    @recorded
     def hup_storm(self, count, deploy):
         self.steps.append(f"hup_storm({count}, {deploy!r})")
         self.deploy(deploy)
@@ -199,6 +221,7 @@ class Schedules(RuleBasedStateMachine):
         self.settle_and_check()
 
     @rule(seconds=st.integers(1, 3))
+    @recorded
     def slow_request(self, seconds):
         self.steps.append(f"slow_request({seconds})")
         port = self.ports["http"]
@@ -207,6 +230,7 @@ class Schedules(RuleBasedStateMachine):
             lambda: http_get(port, f"/slow?seconds={seconds}", timeout=DRAIN_TIMEOUT + SLACK)))
 
     @rule(seconds=st.floats(0.5, 3.0))
+    @recorded
     def open_transaction(self, seconds):
         self.steps.append(f"open_transaction({seconds:.2f})")
         port = self.ports["txn"]
@@ -229,6 +253,7 @@ class Schedules(RuleBasedStateMachine):
         self.clients.append(Client("transaction", work))
 
     @rule()
+    @recorded
     def kill_current(self):
         self.steps.append("kill_current()")
         self.kills.append(time.monotonic())
@@ -237,6 +262,7 @@ class Schedules(RuleBasedStateMachine):
         self.settle_and_check()
 
     @rule(which=st.integers(0, 7))
+    @recorded
     def kill_older(self, which):
         self.steps.append(f"kill_older({which})")
         # Draws do not depend on the processes alive (Hypothesis replays a
@@ -254,6 +280,7 @@ class Schedules(RuleBasedStateMachine):
         self.settle_and_check()
 
     @rule()
+    @recorded
     def terminate(self):
         self.steps.append("terminate()")
         self.stop_server()
@@ -270,6 +297,7 @@ class Schedules(RuleBasedStateMachine):
             os.kill(current, signal.SIGTERM)
             self.server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
 
+    @recorded
     def teardown(self):
         if self.server is not None:
             self.stop_server()
@@ -296,8 +324,9 @@ class Schedules(RuleBasedStateMachine):
 class ScheduleTests(unittest.SynchronousTestCase):
     def test_random_schedules_keep_the_invariants(self):
         seed = int(os.environ.get(SEED_ENV) or random.randrange(2 ** 32))
-        schedules = []
-        machine = type("Machine", (Schedules,), {"testcase": self, "log": schedules})
+        schedules, failures = [], []
+        machine = type("Machine", (Schedules,),
+                       {"testcase": self, "log": schedules, "failures": failures})
         config = settings(
             max_examples=int(os.environ.get("GRACEFUL_SCHEDULE_EXAMPLES", "8")),
             stateful_step_count=int(os.environ.get("GRACEFUL_SCHEDULE_STEPS", "10")),
@@ -308,12 +337,12 @@ class ScheduleTests(unittest.SynchronousTestCase):
         try:
             run_state_machine_as_test(with_seed(seed)(machine), settings=config)
         except BaseException as e:
-            # A schedule of real processes may not fail again when Hypothesis
-            # replays it (FlakyFailure): report the first failure itself.
-            first = e
-            while getattr(first, "exceptions", None):
-                first = first.exceptions[0]
-            steps = "\n    ".join(schedules[-1]) if schedules else "(none)"
+            # Report the first failure itself, with its steps.
+            if failures:
+                steps, first = failures[0]
+            else:
+                steps, first = (schedules[-1] if schedules else []), e
+            steps = "\n    ".join(steps) or "(none)"
             note = (f"steps of the last schedule:\n    {steps}\n"
                     f"replay the schedules with {SEED_ENV}={seed}")
             print(note)

@@ -122,50 +122,36 @@ def upgrade_backoff(base, maximum):
     return lambda failures: policy(failures - 1)
 
 
-class Lifecycle:
+class StateMachine:
     """
-    The state machine of one generation, and the upgrade it runs: one at a
-    time, a ready timeout, backoff after failures, the handover, the drain,
-    and the take-back.
-
-    @param lineage: the L{L.Lineage} record shared with every generation.
-    @param ports: the listening ports: C{pause()}, C{resume()}, C{close()}.
-    @param tracker: the L{DrainTracker} of this generation's connections.
-    @param spawn: C{spawn(lifecycle)} starts the next generation and returns
-        its process (C{pid}, C{kill()}, C{output_tail()}, C{finished},
-        C{ended}); the process reports back through L{child_ready},
-        L{child_failed} and L{child_ended}.
-    @param exit: called once a handover drain is over (stops the reactor).
+    What every state machine of this package shares: a transition table and
+    its refusals, observers told of every event (with C{pid}, C{generation},
+    C{role} and C{state}), and upgrades requested by a signal: one at a
+    time, refused with a reason, or scheduled after the backoff that
+    follows failed ones. Subclasses say what starting an upgrade means
+    (L{_start}).
     """
 
     log = Logger()
+    role = None
+    transitions = {}
+    refusals = {}
+    initial_state = None
 
-    def __init__(self, reactor, *, lineage, ports, tracker, spawn, generation=1, pid=None,
-                 ready_timeout=30.0, drain_timeout=60.0, abort_grace=5.0,
-                 drain_mode=TRANSACTION, backoff_base=1.0, backoff_max=60.0, exit=None):
+    def __init__(self, reactor, *, generation=1, pid=None, ready_timeout=30.0, backoff_base=1.0,
+                 backoff_max=60.0):
         self.reactor = reactor
-        self.lineage = lineage
-        self.ports = ports
-        self.tracker = tracker
-        self._spawn = spawn
         self.generation = generation
         self._pid = pid
         self.ready_timeout = ready_timeout
-        self.drain_timeout = drain_timeout
-        self.abort_grace = abort_grace
-        self.drain_mode = drain_mode
         self.backoff = upgrade_backoff(backoff_base, backoff_max)
-        self._exit = exit
-        self.state = STARTING
-        self.child = None  # the next generation while it starts
-        self.successor = None  # the process we handed over to
+        self.state = self.initial_state
         self.failures = 0
         self.next_attempt_at = None
         self.last_outcome = None
         self.upgrade_started = None
         self._timeout_call = None
         self._scheduled = None
-        self._handover_drain = None
         self.observers = []
 
     @property
@@ -177,25 +163,26 @@ class Lifecycle:
         """
         Why C{event} cannot happen now, or L{None} if it can.
         """
-        if (self.state, event) in TRANSITIONS:
+        if (self.state, event) in self.transitions:
             return None
-        reason = REFUSALS.get((self.state, event))
+        reason = self.refusals.get((self.state, event))
         if reason is None:
             return f"{event!r} cannot happen while {self.state}"
-        return reason.format(
-            child=getattr(self.child, "pid", "?"),
-            successor=getattr(self.successor, "pid", "?"),
-        )
+        return reason.format(**self._refusal_details())
+
+    def _refusal_details(self):
+        return {}
 
     def _move(self, event):
         key = (self.state, event)
-        if key not in TRANSITIONS:
-            raise IllegalTransition(
-                f"pid {self.pid} generation {self.generation}: {self.refusal(event)}")
-        self.state = TRANSITIONS[key]
+        if key not in self.transitions:
+            raise IllegalTransition(f"{self._who()}: {self.refusal(event)}")
+        self.state = self.transitions[key]
 
     def _tell(self, event, **details):
         details.update(pid=self.pid, generation=self.generation, state=self.state)
+        if self.role is not None:
+            details["role"] = self.role
         for observer in list(self.observers):
             try:
                 observer(event, **details)
@@ -205,15 +192,7 @@ class Lifecycle:
     def _who(self):
         return f"pid {self.pid} generation {self.generation}"
 
-    # --- starting ---------------------------------------------------------
-    def ready(self, source, parent_pid=None, listeners=None):
-        """
-        This generation accepts now (its ports are reading).
-        """
-        self._move("ready")
-        self._tell("serving", source=source, parent_pid=parent_pid, listeners=listeners or {})
-
-    # --- upgrading --------------------------------------------------------
+    # --- upgrade requests ---------------------------------------------------
     def request_upgrade(self, reason="SIGHUP"):
         """
         Start an upgrade if none is running; say why not otherwise.
@@ -256,6 +235,103 @@ class Lifecycle:
         else:
             self._tell("upgrade-unscheduled", why=self.refusal("upgrade"))
 
+    def _cancel_scheduled(self, why):
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+            self._tell("upgrade-unscheduled", why=why)
+        self._scheduled = None
+
+    def _start(self, reason):
+        raise NotImplementedError()
+
+    def _elapsed(self):
+        return self.reactor.seconds() - self.upgrade_started
+
+    def _cancel_timeout(self):
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+
+    def _record_failure(self, result, child_pid, error, output, what="the child"):
+        """
+        A failed upgrade: count it for the backoff, keep its outcome, say so.
+        """
+        self._cancel_timeout()
+        self.failures += 1
+        delay = self.backoff(self.failures)
+        self.next_attempt_at = self.reactor.seconds() + delay
+        self.last_outcome = UpgradeOutcome(
+            result, child_pid, error, self._elapsed() if self.upgrade_started else None, output)
+        tail = "\n    ".join(output[-10:]) if output else "(no output)"
+        self.log.warn(
+            "{who}: Upgrade failed: {error}. {keeps}; next upgrade allowed in {delay:.1f} s. "
+            "Last output of {what}:\n    {tail}",
+            who=self._who(), error=error, delay=delay, tail=tail, what=what,
+            keeps=self._who_keeps_serving())
+        self._tell("upgrade-failed", outcome=self.last_outcome)
+
+    def _who_keeps_serving(self):
+        return "This generation keeps serving"
+
+    def _record_success(self, child_pid, output):
+        self._cancel_timeout()
+        self.failures = 0
+        self.next_attempt_at = None
+        self.last_outcome = UpgradeOutcome("ok", child_pid, None, self._elapsed(), output)
+        self._tell("upgrade-ok", outcome=self.last_outcome)
+
+
+class Lifecycle(StateMachine):
+    """
+    The state machine of one generation, and the upgrade it runs: one at a
+    time, a ready timeout, backoff after failures, the handover, the drain,
+    and the take-back.
+
+    @param lineage: the L{L.Lineage} record shared with every generation.
+    @param ports: the listening ports: C{pause()}, C{resume()}, C{close()}.
+    @param tracker: the L{DrainTracker} of this generation's connections.
+    @param spawn: C{spawn(lifecycle)} starts the next generation and returns
+        its process (C{pid}, C{kill()}, C{output_tail()}, C{finished},
+        C{ended}); the process reports back through L{child_ready},
+        L{child_failed} and L{child_ended}.
+    @param exit: called once a handover drain is over (stops the reactor).
+    """
+
+    transitions = TRANSITIONS
+    refusals = REFUSALS
+    initial_state = STARTING
+
+    def __init__(self, reactor, *, lineage, ports, tracker, spawn, generation=1, pid=None,
+                 ready_timeout=30.0, drain_timeout=60.0, abort_grace=5.0,
+                 drain_mode=TRANSACTION, backoff_base=1.0, backoff_max=60.0, exit=None):
+        StateMachine.__init__(self, reactor, generation=generation, pid=pid,
+                              ready_timeout=ready_timeout, backoff_base=backoff_base,
+                              backoff_max=backoff_max)
+        self.lineage = lineage
+        self.ports = ports
+        self.tracker = tracker
+        self._spawn = spawn
+        self.drain_timeout = drain_timeout
+        self.abort_grace = abort_grace
+        self.drain_mode = drain_mode
+        self._exit = exit
+        self.child = None  # the next generation while it starts
+        self.successor = None  # the process we handed over to
+        self._handover_drain = None
+
+    def _refusal_details(self):
+        return {"child": getattr(self.child, "pid", "?"),
+                "successor": getattr(self.successor, "pid", "?")}
+
+    # --- starting ---------------------------------------------------------
+    def ready(self, source, parent_pid=None, listeners=None):
+        """
+        This generation accepts now (its ports are reading).
+        """
+        self._move("ready")
+        self._tell("serving", source=source, parent_pid=parent_pid, listeners=listeners or {})
+
+    # --- upgrading --------------------------------------------------------
     def _start(self, reason):
         self._move("upgrade")
         self.upgrade_started = self.reactor.seconds()
@@ -274,9 +350,6 @@ class Lifecycle:
             t=self.ready_timeout)
         self._timeout_call = self.reactor.callLater(self.ready_timeout, self._child_timed_out)
         self._tell("upgrade-started", child_pid=child.pid, reason=reason)
-
-    def _elapsed(self):
-        return self.reactor.seconds() - self.upgrade_started
 
     def child_ready(self, child):
         """
@@ -302,16 +375,13 @@ class Lifecycle:
         self._move("child-ready")
         self.child = None
         self.successor = child
-        self.failures = 0
-        self.next_attempt_at = None
         # Stop accepting, but keep our copies of the sockets until the drain
         # ends: if the new generation dies meanwhile, we take them back.
         self.ports.pause()
         # The next generation writes to the same log file from now on; only
         # one process may rotate it.
         stop_rotating()
-        self.last_outcome = UpgradeOutcome("ok", child.pid, None, elapsed, child.output_tail())
-        self._tell("upgrade-ok", outcome=self.last_outcome)
+        self._record_success(child.pid, child.output_tail())
         pidfile_error = self.lineage.pidfile_error
         self.log.info(
             "{who}: stopped accepting; pid {child} (generation {next}) serves now{pidfile}; "
@@ -414,22 +484,7 @@ class Lifecycle:
         if not moved:
             self._move("child-failed")
         self.child = None
-        self.failures += 1
-        delay = self.backoff(self.failures)
-        self.next_attempt_at = self.reactor.seconds() + delay
-        self.last_outcome = UpgradeOutcome(
-            result, child_pid, error, self._elapsed() if self.upgrade_started else None, output)
-        tail = "\n    ".join(output[-10:]) if output else "(no output)"
-        self.log.warn(
-            "{who}: Upgrade failed: {error}. This generation keeps serving; next upgrade allowed "
-            "in {delay:.1f} s. Last output of the child:\n    {tail}",
-            who=self._who(), error=error, delay=delay, tail=tail)
-        self._tell("upgrade-failed", outcome=self.last_outcome)
-
-    def _cancel_timeout(self):
-        if self._timeout_call is not None and self._timeout_call.active():
-            self._timeout_call.cancel()
-        self._timeout_call = None
+        self._record_failure(result, child_pid, error, output)
 
     # --- draining and stopping --------------------------------------------
     def _handover_drained(self, report):
@@ -451,9 +506,7 @@ class Lifecycle:
                 return defer.succeed(self.tracker.report)
             self.log.warn("{who}: stop ignored: {why}", who=self._who(), why=refusal)
             return self.tracker.drain(self.drain_mode, self.drain_timeout, self.abort_grace)
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-            self._tell("upgrade-unscheduled", why="shutting down")
+        self._cancel_scheduled("shutting down")
         abandoned = None
         was_current = self.state != DRAINING
         if self.state == UPGRADING and self.child is not None:
