@@ -411,7 +411,9 @@ def check_posts(db, acked, rec):
 def server_args(port, txn_port, db, extra=()):
     return ["graceful", "--port", f"tcp:{port}:interface=127.0.0.1",
             "--txn-port", f"tcp:{txn_port}:interface=127.0.0.1", "--db", db,
-            "--slow-every", "0", "--metrics-port", "tcp:0:interface=127.0.0.1"] + list(extra)
+            "--slow-every", "0", "--metrics-port", "tcp:0:interface=127.0.0.1",
+            # The self-replacing process: each upgrade hands over to a new one.
+            "--workers", "0"] + list(extra)
 
 
 async def supports_metrics_port():

@@ -393,13 +393,18 @@ def graceful_options():
 def with_ephemeral_listeners(args):
     """
     Give every listener of `graceful` that the test did not name an
-    ephemeral loopback port, so tests never depend on 8025 or 9090 being free.
+    ephemeral loopback port, so tests never depend on 8025 or 9090 being free,
+    and run without a master unless the test asks for workers.
     """
     if not args or args[0] != "graceful":
         return args
     for option in ("txn-port", "metrics-port"):
         if option in graceful_options() and f"--{option}" not in args:
             args += [f"--{option}", "tcp:0:interface=127.0.0.1"]
+    # Tests of the self-replacing process say so; tests of the master and its
+    # workers pass --workers.
+    if "workers" in graceful_options() and "--workers" not in args:
+        args += ["--workers", "0"]
     return args
 
 

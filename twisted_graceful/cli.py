@@ -153,6 +153,16 @@ class Reload:
                         if line:
                             self.say(f"the new generation said: {line}")
                         return EXIT_FAILED
+            if outcome is not None and (entry_of(doc, old) or {}).get("role") == "master":
+                entry = entry_of(doc, old)
+                workers = [str(w.get("pid")) for w in entry.get("workers") or []
+                           if w.get("generation") == entry.get("generation")
+                           and w.get("state") == "serving"]
+                self.say(f"reloaded: workers generation {entry.get('generation')} (pids "
+                         f"{', '.join(workers)}) serve, ready "
+                         f"{_seconds(outcome.get('duration_seconds'))} after the signal; the "
+                         f"previous workers drain and exit; master pid {old}")
+                return EXIT_OK
             if outcome is not None:
                 new = outcome.get("child_pid")
                 entry = entry_of(doc, new)
@@ -213,6 +223,11 @@ def status(pidfile, out=None, as_json=False, alive=pid_alive):
     if entry is None:
         out.write(f"pid {pid} is running (no entry in {status_path(pidfile)})\n")
         return EXIT_OK
+    if entry.get("role") == "master":
+        lines = master_status(pid, entry, alive)
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        return EXIT_OK
     line = f"pid {pid} generation {entry.get('generation')}: {entry.get('state')}"
     if entry.get("serving_since"):
         line += f" since {_when(entry['serving_since'])}"
@@ -240,6 +255,30 @@ def status(pidfile, out=None, as_json=False, alive=pid_alive):
     out.write("\n".join(lines) + "\n")
     out.flush()
     return EXIT_OK
+
+
+def master_status(pid, entry, alive=pid_alive):
+    """
+    A master's status: itself, each worker, the last upgrade.
+    """
+    lines = [f"master pid {pid}: {entry.get('state')}, workers generation "
+             f"{entry.get('generation')}"
+             + (f" since {_when(entry['serving_since'])}" if entry.get("serving_since") else "")]
+    for worker in entry.get("workers") or []:
+        if alive(worker.get("pid")):
+            lines.append(f"  worker pid {worker.get('pid')} generation {worker.get('generation')}"
+                         f": {worker.get('state')}")
+    outcome = entry.get("last_upgrade")
+    if outcome and outcome.get("result") == "ok":
+        lines.append(f"last upgrade ok at {_when(outcome.get('finished_at'))}: every new worker "
+                     f"ready after {_seconds(outcome.get('duration_seconds'))}")
+    else:
+        lines.append(describe_upgrade(outcome))
+    request = entry.get("last_request")
+    if request and request.get("answer") != "started":
+        lines.append(f"last {request.get('reason')} at {_when(request.get('at'))} "
+                     f"{request.get('answer')}: {request.get('why')}")
+    return lines
 
 
 def main(argv=None):

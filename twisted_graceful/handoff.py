@@ -30,6 +30,10 @@ PIDFILE_ENV = "GRACEFUL_PIDFILE"  # where the live generation's PID goes
 STDIO_FDS_ENV = "GRACEFUL_STDIO_FDS"  # the parent's own stdout,stderr
 READY_TIMEOUT_ENV = "GRACEFUL_READY_TIMEOUT"  # seconds the parent waits for us
 LINEAGE_FD_ENV = "GRACEFUL_LINEAGE_FD"  # the record of which generation is current
+ROLE_ENV = "GRACEFUL_ROLE"  # "successor" (the next generation) or "worker" (of a master)
+SUCCESSOR = "successor"
+WORKER = "worker"
+ROLES = (SUCCESSOR, WORKER)
 
 HANDOFF_VARIABLES = (
     LISTENERS_ENV,
@@ -40,6 +44,7 @@ HANDOFF_VARIABLES = (
     STDIO_FDS_ENV,
     READY_TIMEOUT_ENV,
     LINEAGE_FD_ENV,
+    ROLE_ENV,
 )
 
 FIRST_LISTENER_FD = 3
@@ -106,9 +111,10 @@ def format_listener_map(mapping):
 
 
 def next_generation_handoff(listeners, lineage_fd, environ, generation, parent_pid, pidfile,
-                            ready_timeout):
+                            ready_timeout, role=SUCCESSOR):
     """
-    The C{childFDs} and environment that start the next generation.
+    The C{childFDs} and environment that start the next generation (or a
+    worker of a master: C{role} L{WORKER}, no lineage record).
 
     @param listeners: ordered listener name -> fd in this process.
     @return: C{(child_fds, environment)} for C{reactor.spawnProcess}.
@@ -124,8 +130,11 @@ def next_generation_handoff(listeners, lineage_fd, environ, generation, parent_p
             next_fd += 1
         child_fds[target] = fd
         names[name] = target
-    lineage_target, stdout_target, stderr_target = next_fd, next_fd + 1, next_fd + 2
-    child_fds[lineage_target] = lineage_fd
+    lineage_target = None
+    if lineage_fd is not None:
+        lineage_target, next_fd = next_fd, next_fd + 1
+        child_fds[lineage_target] = lineage_fd
+    stdout_target, stderr_target = next_fd, next_fd + 1
     child_fds[stdout_target] = 1
     child_fds[stderr_target] = 2
     environment = {k: v for k, v in environ.items() if k not in HANDOFF_VARIABLES}
@@ -138,9 +147,11 @@ def next_generation_handoff(listeners, lineage_fd, environ, generation, parent_p
             PIDFILE_ENV: pidfile or "",
             STDIO_FDS_ENV: f"{stdout_target},{stderr_target}",
             READY_TIMEOUT_ENV: str(ready_timeout),
-            LINEAGE_FD_ENV: str(lineage_target),
+            ROLE_ENV: role,
         }
     )
+    if lineage_target is not None:
+        environment[LINEAGE_FD_ENV] = str(lineage_target)
     return child_fds, environment
 
 
@@ -250,16 +261,29 @@ def inherit_parent_pid(environ):
     return int(text)
 
 
-def inherit_generation(environ):
+def inherit_role(environ):
+    text = environ.get(ROLE_ENV, SUCCESSOR)
+    if text not in ROLES:
+        raise HandoffError(f"{ROLE_ENV}={text!r}: not one of {', '.join(ROLES)}")
+    return text
+
+
+def inherit_generation(environ, role=SUCCESSOR):
+    """
+    A successor's generation is 2 or more; a worker's (its worker set's) 1 or
+    more.
+    """
+    lowest = 2 if role == SUCCESSOR else 1
     text = environ.get(GENERATION_ENV)
     if text is None:
         return 1
     try:
         generation = int(text)
-        if generation < 2:
+        if not lowest <= generation < 2 ** 31:
             raise ValueError(generation)
     except ValueError:
-        raise HandoffError(f"{GENERATION_ENV}={text!r}: not a generation number (2 or more)")
+        raise HandoffError(f"{GENERATION_ENV}={text!r}: not a generation number "
+                           f"({lowest} or more)")
     return generation
 
 

@@ -18,9 +18,11 @@ class Inheritance:
     """
 
     def __init__(self, sockets, generation=1, ready_fd=None, stdio_fds=None, pidfile=None,
-                 ready_timeout=None, parent_pid=None, source="bound", lineage_fd=None):
+                 ready_timeout=None, parent_pid=None, source="bound", lineage_fd=None,
+                 role=None):
         self.sockets = sockets
         self.lineage_fd = lineage_fd
+        self.role = role  # how a previous process started us: successor, worker, or None
         self.generation = generation
         self.ready_fd = ready_fd
         self.stdio_fds = stdio_fds
@@ -43,7 +45,8 @@ class Inheritance:
         options = options or {}
         if handoff.is_handoff(environ):
             wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
-            generation = handoff.inherit_generation(environ)
+            role = handoff.inherit_role(environ)
+            generation = handoff.inherit_generation(environ, role)
             timeout = handoff.inherit_ready_timeout(environ)
             sockets = handoff.inherit_listeners(environ, wanted)
             for name, spec in specs.items():
@@ -60,7 +63,10 @@ class Inheritance:
                 ready_fd = handoff.inherit_ready_fd(environ)
                 stdio = handoff.inherit_stdio_fds(environ)
                 parent_pid = handoff.inherit_parent_pid(environ)
-                lineage_fd = handoff.inherit_lineage_fd(environ)
+                # A worker's master keeps the record of who serves; a
+                # successor takes over through the lineage record.
+                lineage_fd = (handoff.inherit_lineage_fd(environ) if role == handoff.SUCCESSOR
+                              else None)
             except BaseException:
                 for sock in sockets.values():
                     sock.close()
@@ -72,6 +78,7 @@ class Inheritance:
                 parent_pid=parent_pid,
                 source="inherited",
                 lineage_fd=lineage_fd,
+                role=role,
             )
             handoff.forget_handoff(environ)
             return result

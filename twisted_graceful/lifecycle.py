@@ -203,6 +203,15 @@ class StateMachine:
         self._tell("upgrade-requested", reason=reason, answer=answer, why=why)
         return answer
 
+    def refuse_upgrade(self, reason, why):
+        """
+        Refuse a request for a reason of the caller's (a worker: only its
+        master upgrades it).
+        """
+        self.log.warn("{who}: {reason} ignored: {why}", who=self._who(), reason=reason, why=why)
+        self._tell("upgrade-requested", reason=reason, answer="refused", why=why)
+        return "refused"
+
     def _request_upgrade(self, reason):
         refusal = self.refusal("upgrade")
         if refusal is not None:
@@ -517,7 +526,8 @@ class Lifecycle(StateMachine):
                           who=self._who(), child=abandoned.pid)
             abandoned.kill()
         if was_current:
-            self.lineage.stop(self.pid)
+            if self.lineage is not None:
+                self.lineage.stop(self.pid)
             self.log.info("{who}: shutting down; no longer accepting", who=self._who())
             self.ports.close()
         self._move("stop")
@@ -540,6 +550,15 @@ class Lifecycle(StateMachine):
         self.ports.close()
         self.log.info("{who}: {summary}; exiting", who=self._who(), summary=report.summary())
         self._tell("drained", report=report)
+
+
+    def exit_now(self):
+        """
+        Stop this process as SIGTERM would (the reactor stops, C{stop()}
+        drains).
+        """
+        if self._exit is not None:
+            self._exit()
 
 
 def stop_reactor(reactor):

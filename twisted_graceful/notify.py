@@ -87,6 +87,12 @@ def _connections(n):
     return f"{n} connection{'' if n == 1 else 's'}"
 
 
+def _worker_status(master, generation, workers):
+    pids = ", ".join(str(w["pid"]) for w in workers
+                     if w.get("generation") == generation and w.get("state") == "serving")
+    return _status(f"master PID {master}: workers generation {generation} serve (PIDs {pids})")
+
+
 def _status(text):
     # One line: a newline would start a new (bogus) assignment.
     return "STATUS=" + " ".join(str(text).split())
@@ -119,7 +125,10 @@ class SdNotifier:
         if handler is not None:
             handler(**details)
 
-    def on_serving(self, generation, source="bound", **_):
+    def on_serving(self, generation, source="bound", role=None, workers=(), **_):
+        if role == "master":
+            self.send("READY=1", _worker_status(self.pid, generation, workers))
+            return
         if source == "inherited":
             # Started by our own handoff: the previous generation announces
             # us with MAINPID= and READY=1 once it has handed over.
@@ -133,7 +142,12 @@ class SdNotifier:
         else:
             self.send("READY=1", status)
 
-    def on_upgrade_started(self, child_pid, generation, **_):
+    def on_upgrade_started(self, child_pid, generation, role=None, **_):
+        if role == "master":
+            self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
+                      _status(f"upgrading the workers to generation {generation + 1}; "
+                              f"generation {generation} serves meanwhile"))
+            return
         self.send(
             "RELOADING=1",
             f"MONOTONIC_USEC={monotonic_usec()}",
@@ -141,12 +155,15 @@ class SdNotifier:
                     f"PID {self.pid} (generation {generation}) serves meanwhile"),
         )
 
-    def on_upgrade_failed(self, outcome, generation, **_):
-        self.send(
-            "READY=1",
-            _status(f"upgrade failed: {outcome.error}; still serving as PID {self.pid} "
-                    f"(generation {generation})"),
-        )
+    def on_upgrade_failed(self, outcome, generation, role=None, **_):
+        serving = (f"workers generation {generation} keep serving" if role == "master" else
+                   f"still serving as PID {self.pid} (generation {generation})")
+        self.send("READY=1", _status(f"upgrade failed: {outcome.error}; {serving}"))
+
+    def on_upgrade_ok(self, generation, role=None, workers=(), **_):
+        if role != "master":
+            return  # the handover announces the new main process (on_handed_over)
+        self.send("READY=1", _worker_status(self.pid, generation, workers))
 
     def on_handed_over(self, child_pid, generation, **_):
         # The pidfile names the child already (it wrote it when it took over).

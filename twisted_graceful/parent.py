@@ -113,11 +113,18 @@ class NextGenerationProcess(protocol.ProcessProtocol):
         before we gave up on it, it drains like any generation), SIGKILL if it
         is still there C{kill_grace} seconds later.
         """
+        self.terminate(self.kill_grace)
+
+    def terminate(self, kill_after):
+        """
+        SIGTERM now (the process drains and exits), SIGKILL if it is still
+        there C{kill_after} seconds later.
+        """
         if self.finished:
             return
         self._signal("TERM")
         if self.reactor is not None and self._kill_timer is None:
-            self._kill_timer = self.reactor.callLater(self.kill_grace, self._signal, "KILL")
+            self._kill_timer = self.reactor.callLater(kill_after, self._signal, "KILL")
         elif self.reactor is None:
             self._signal("KILL")
 
@@ -134,15 +141,15 @@ class NextGenerationProcess(protocol.ProcessProtocol):
 
 
 def spawn_next_generation(reactor, process_protocol, executable, args, listeners, lineage_fd,
-                          env, generation, pidfile, ready_timeout, cwd):
+                          env, generation, pidfile, ready_timeout, cwd, role=handoff.SUCCESSOR):
     """
-    Start the next generation with the handoff of
+    Start the next generation (or a worker) with the handoff of
     L{handoff.next_generation_handoff}.
 
     @param listeners: ordered listener name -> fd in this process.
     """
     child_fds, environment = handoff.next_generation_handoff(
-        listeners, lineage_fd, env, generation, os.getpid(), pidfile, ready_timeout)
+        listeners, lineage_fd, env, generation, os.getpid(), pidfile, ready_timeout, role)
     return reactor.spawnProcess(
         process_protocol, executable, args, env=environment, path=cwd, childFDs=child_fds
     )

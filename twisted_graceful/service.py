@@ -33,6 +33,7 @@ from twisted_graceful._twisted import (
 from twisted_graceful.child import ReadyPipe, take_over_stdio
 from twisted_graceful.command import next_generation_command, twistd_config_from_argv
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
+from twisted_graceful.handoff import WORKER
 from twisted_graceful.inherit import Inheritance
 from twisted_graceful.lifecycle import (
     DRAINING,
@@ -49,6 +50,7 @@ from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 READINESS_RETRY = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
 EXIT_NOT_READY = 3  # the exit status of a generation that gave up getting ready
 EXIT_NOT_TAKING_OVER = 4  # ready, but the lineage record refused it (its parent is gone)
+MASTER_WATCH_INTERVAL = 1.0  # seconds between a worker's checks that its master lives
 
 
 class Listener:
@@ -221,13 +223,21 @@ class GracefulService(service.MultiService):
         self.lifecycle.generation = inh.generation
         if inh.pidfile:
             self.pidfile = inh.pidfile
-        if self.lineage is None:
+        if self.is_worker:
+            # A master's worker: the master keeps the record of who serves,
+            # and upgrades the workers.
+            self.lifecycle.role = WORKER
+        elif self.lineage is None:
             if inh.lineage_fd is not None:
                 self.lineage = L.Lineage(inh.lineage_fd, self.pidfile)
             else:
                 self.lineage = L.Lineage.create(self.pidfile)
             self.lifecycle.lineage = self.lineage
         return inh
+
+    @property
+    def is_worker(self):
+        return self.inheritance is not None and self.inheritance.role == WORKER
 
     def privilegedStartService(self):
         self.acquire()
@@ -289,7 +299,9 @@ class GracefulService(service.MultiService):
         if not self.running or self.lifecycle.state != STARTING:
             return
         inh = self.inheritance
-        if inh.source == "inherited":
+        if self.is_worker:
+            self._watch_master()
+        elif inh.source == "inherited":
             refusal = self.lineage.take_over(inh.parent_pid, os.getpid(), self.generation)
             if refusal is not None:
                 self._give_up(EXIT_NOT_TAKING_OVER, f"ready, but not taking over: {refusal}; "
@@ -319,8 +331,29 @@ class GracefulService(service.MultiService):
         else:
             self.log.info("pid {pid} generation {gen}: serving", pid=os.getpid(),
                           gen=self.generation)
+        if self.is_worker:
+            source = WORKER
         self.lifecycle.ready(source, parent_pid=inh.parent_pid,
                              listeners=self.ports.descriptions())
+
+    def _watch_master(self):
+        """
+        No worker outlives its master: once our parent is gone (we were
+        re-parented), stop accepting and drain.
+        """
+        master = self.inheritance.parent_pid
+
+        def check():
+            if os.getppid() != master and self.lifecycle.state not in (SHUTTING_DOWN, EXITED):
+                self.log.critical(
+                    "pid {pid} generation {gen}: the master (pid {master}) is gone; draining "
+                    "and exiting", pid=os.getpid(), gen=self.generation, master=master)
+                self._master_watch.stop()
+                self.lifecycle.exit_now()
+
+        self._master_watch = task.LoopingCall(check)
+        self._master_watch.clock = self.reactor
+        self._master_watch.start(MASTER_WATCH_INTERVAL, now=True)
 
     def _give_up(self, status, why):
         """
@@ -344,6 +377,10 @@ class GracefulService(service.MultiService):
 
         @return: C{"started"}, C{"scheduled"} or C{"refused"}.
         """
+        if self.is_worker:
+            return self.lifecycle.refuse_upgrade(
+                reason, f"this is a worker of the master pid {self.inheritance.parent_pid}: "
+                        f"signal the master (the pidfile names it)")
         return self.lifecycle.request_upgrade(reason)
 
     def _next_command(self):

@@ -97,10 +97,15 @@ class ProcessStatus:
         self.last_upgrade = None
         self.took_back_from = None
         self.drain = None
+        self.role = None
+        self.workers = None
         graceful.add_observer(self._event)
 
-    def _event(self, event, pid=None, generation=None, state=None, **details):
-        self.pid, self.generation, self.state = pid, generation, state
+    def _event(self, event, pid=None, generation=None, state=None, role=None, workers=None,
+               **details):
+        self.pid, self.generation, self.state, self.role = pid, generation, state, role
+        if workers is not None:
+            self.workers = workers
         if event == "serving":
             self.serving_since = self.clock()
             self.source = details.get("source")
@@ -125,7 +130,7 @@ class ProcessStatus:
         elif event == "successor-exited" and details.get("result") == "took-back":
             self.took_back_from = {"pid": details["successor_pid"], "how": details["how"],
                                    "at": self.clock()}
-        elif event == "drained":
+        elif event == "drained" and details.get("report") is not None:
             report = details["report"]
             self.drain = {
                 "duration_seconds": report.duration,
@@ -140,6 +145,8 @@ class ProcessStatus:
     def as_dict(self):
         return {
             "pid": self.pid or os.getpid(),
+            "role": self.role,
+            "workers": self.workers,
             "generation": self.generation or self.graceful.generation,
             "state": self.state,
             "started_at": self.started_at,

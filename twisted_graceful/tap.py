@@ -13,7 +13,10 @@ from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful import logs, metrics
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
+from twisted_graceful.handoff import WORKER
 from twisted_graceful.inherit import Inheritance
+from twisted_graceful.master import MasterService
+from twisted_graceful.statusfile import StatusFile
 from twisted_graceful.service import GracefulService
 from twisted_graceful.store import Store
 from twisted_graceful.txn import TxnFactory
@@ -67,6 +70,9 @@ class Options(usage.Options):
          "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
         ["metrics-port", None, "tcp:9090:interface=127.0.0.1", "Prometheus /metrics and JSON "
          "/status listener (same forms as --port)"],
+        ["workers", "w", "1", "Worker processes: N (>= 1) under a master that owns the ports "
+         "and never leaves, auto (one per CPU), or 0 (no master: the process replaces itself "
+         "on each upgrade)"],
         ["log-format", None, "text", "Log format: text, or json (twisted.logger JSON, one event "
          "per line; same as twistd --logger twisted_graceful.logs.json_observer)"],
     ]
@@ -106,6 +112,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--drain must be one of {', '.join(DRAIN_MODES)}, not {self['drain']!r}"
             )
+        self["workers"] = parse_workers(self["workers"])
         specs, options = {}, {}
         try:
             for name, (option, description) in self.listener_options().items():
@@ -119,6 +126,28 @@ class Options(usage.Options):
         self.cwd = os.getcwd()
 
 
+def parse_workers(text):
+    """
+    C{--workers}: a number >= 0, or C{auto} (one per CPU).
+    """
+    if str(text).strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        workers = int(text)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--workers must be a number of processes or auto, not {text!r}")
+    if not 0 <= workers <= 1024:
+        raise usage.UsageError(f"--workers must be between 0 and 1024, not {workers}")
+    return workers
+
+
+def is_master(options):
+    """
+    This process is a master: --workers >= 1, and not itself a worker.
+    """
+    return options["workers"] >= 1 and options.inheritance.role != WORKER
+
+
 def makeService(options):
     from twisted.internet import reactor
 
@@ -127,6 +156,9 @@ def makeService(options):
 
     def command():
         return next_generation_command(twistd_config, cwd=options.cwd)
+
+    if is_master(options):
+        return make_master(options, reactor, pidfile, command)
 
     graceful = GracefulService(
         reactor,
@@ -157,5 +189,20 @@ def makeService(options):
     graceful.add_listener("txn", options["txn-port"], txn, option="--txn-port")
     metrics.install(graceful, options["metrics-port"], http_site=site, txn_factory=txn)
     graceful.add_readiness_check(store.check)
-    install_sd_notify(graceful)  # nothing unless $NOTIFY_SOCKET is set
+    if not graceful.is_worker:
+        install_sd_notify(graceful)  # nothing unless $NOTIFY_SOCKET is set
     return graceful
+
+
+def make_master(options, reactor, pidfile, command):
+    """
+    The master: the listeners' sockets and the workers, nothing served here.
+    """
+    master = MasterService(
+        reactor, options.inheritance.sockets, workers=options["workers"], pidfile=pidfile,
+        ready_timeout=options["ready-timeout"], drain_timeout=options["drain-timeout"],
+        abort_grace=options["abort-grace"], command=command,
+    )
+    StatusFile(master)
+    install_sd_notify(master)
+    return master

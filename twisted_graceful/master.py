@@ -1,0 +1,517 @@
+"""
+The master: one process that owns the listening sockets and the workers,
+never serves a connection itself, and never leaves (docs/design.md,
+"Master and workers").
+
+    starting --set-ready--> serving --upgrade--> upgrading --set-ready--> serving
+                               ^                     |         (the old set drains)
+                               +-----set-failed------+   (the new set is stopped)
+
+    starting/serving/upgrading --stop--> shutting-down --drained--> exited
+
+Workers are started like a next generation (L{twisted_graceful.handoff},
+role C{worker}): the listeners from fd 3, a ready pipe; they share each
+listening socket, so they share its accept queue, and a worker that closes
+its copy loses nothing. An upgrade (SIGHUP) is blue-green: a whole new set
+of workers with the code now on disk; once every one of them is ready the
+old set drains (SIGTERM); if any one fails or is not ready in time, the
+whole new set is stopped and the old one keeps serving. A worker of the
+serving set that exits is replaced at once; a worker that keeps dying is
+replaced after a backoff that grows.
+"""
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twisted_graceful import handoff
+from twisted_graceful.command import next_generation_command, twistd_config_from_argv
+from twisted_graceful.lifecycle import (
+    EXITED,
+    SERVING,
+    SHUTTING_DOWN,
+    STARTING,
+    UPGRADING,
+    StateMachine,
+    stop_reactor,
+    upgrade_backoff,
+)
+from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
+from twisted_graceful.pidfile import remove_pidfile_if_own
+
+MASTER = "master"
+TRANSITIONS = {
+    (STARTING, "set-ready"): SERVING,
+    (STARTING, "set-failed"): SHUTTING_DOWN,
+    (STARTING, "stop"): SHUTTING_DOWN,
+    (SERVING, "upgrade"): UPGRADING,
+    (SERVING, "stop"): SHUTTING_DOWN,
+    (UPGRADING, "set-ready"): SERVING,
+    (UPGRADING, "set-failed"): SERVING,
+    (UPGRADING, "stop"): SHUTTING_DOWN,
+    (SHUTTING_DOWN, "drained"): EXITED,
+}
+REFUSALS = {
+    (STARTING, "upgrade"): "the first workers are not serving yet",
+    (UPGRADING, "upgrade"): (
+        "an upgrade to workers generation {next} is already in progress (pids {pids}); the "
+        "current workers keep serving until every new one is ready"),
+    (SHUTTING_DOWN, "upgrade"): "the server is shutting down",
+    (EXITED, "upgrade"): "the server has exited",
+    (SHUTTING_DOWN, "stop"): "already shutting down",
+    (EXITED, "stop"): "the server has exited already",
+}
+
+# A worker that served this long before it died was not crash-looping.
+STABLE_SECONDS = 10.0
+EXIT_WORKERS_FAILED = 1
+
+
+class WorkerSet:
+    """
+    The workers of one generation.
+    """
+
+    def __init__(self, generation, size):
+        self.generation = generation
+        self.size = size
+        self.workers = []  # NextGenerationProcess, each with .ready and .started_at
+
+    def __contains__(self, worker):
+        return worker in self.workers
+
+    def ready(self):
+        return [w for w in self.workers if w.ready and not w.finished]
+
+    def pids(self):
+        return [w.pid for w in self.workers]
+
+
+class Master(StateMachine):
+    """
+    The state machine of the master and the worker sets it runs.
+
+    @param spawn: C{spawn(master, generation)} starts one worker and returns
+        its process (L{NextGenerationProcess}); the process reports back
+        through L{child_ready}, L{child_failed} and L{child_ended}.
+    @param exit: called with an exit status once every worker is gone.
+    """
+
+    role = MASTER
+    transitions = TRANSITIONS
+    refusals = REFUSALS
+    initial_state = STARTING
+
+    def __init__(self, reactor, *, workers, spawn, pid=None, ready_timeout=30.0,
+                 drain_timeout=60.0, abort_grace=5.0, backoff_base=1.0, backoff_max=60.0,
+                 exit=None):
+        StateMachine.__init__(self, reactor, generation=1, pid=pid, ready_timeout=ready_timeout,
+                              backoff_base=backoff_base, backoff_max=backoff_max)
+        self.size = workers
+        self._spawn = spawn
+        self.drain_timeout = drain_timeout
+        self.abort_grace = abort_grace
+        self._exit = exit
+        self.current = None  # the WorkerSet that serves
+        self.next = None  # the WorkerSet being started
+        self.retiring = []  # workers of older sets, draining
+        self.replacing = []  # replacements for dead workers of the current set, not ready yet
+        self.crashes = 0  # workers of the current set that died in a row, quickly
+        self.restarts = 0
+        self._replace_call = None
+        self._stopped = None
+        self.exit_status = 0
+
+    def _refusal_details(self):
+        return {"next": self.generation + 1,
+                "pids": ", ".join(str(p) for p in (self.next.pids() if self.next else []))}
+
+    def _who(self):
+        return f"master pid {self.pid}"
+
+    def _who_keeps_serving(self):
+        if self.current is None:
+            return "No worker serves"
+        return (f"Workers generation {self.current.generation} (pids "
+                f"{', '.join(str(p) for p in self.current.pids())}) keep serving")
+
+    def _tell(self, event, **details):
+        details.setdefault("workers", self.describe_workers())
+        StateMachine._tell(self, event, **details)
+
+    def describe_workers(self):
+        """
+        Every worker alive or starting: pid, generation, state.
+        """
+        found = []
+        sets = [(self.current, "serving"), (self.next, "starting")]
+        for worker_set, state in sets:
+            if worker_set is None:
+                continue
+            for worker in worker_set.workers:
+                if not worker.finished:
+                    found.append({"pid": worker.pid, "generation": worker_set.generation,
+                                  "state": state if worker.ready else "starting"})
+        for worker in self.replacing:
+            if not worker.finished:
+                found.append({"pid": worker.pid, "generation": worker.generation,
+                              "state": "starting"})
+        for worker in self.retiring:
+            if not worker.finished:
+                found.append({"pid": worker.pid, "generation": worker.generation,
+                              "state": "draining"})
+        return found
+
+    # --- starting ---------------------------------------------------------
+    def start(self):
+        """
+        Start the first set of workers.
+        """
+        self.upgrade_started = self.reactor.seconds()
+        self.next = self._start_set(1, "start")
+
+    def _start_set(self, generation, reason):
+        worker_set = WorkerSet(generation, self.size)
+        self.log.info("{who}: {reason}: starting {n} worker(s) of generation {g}",
+                      who=self._who(), reason=reason, n=self.size, g=generation)
+        for _ in range(self.size):
+            worker = self._spawn_worker(generation)
+            if worker is None:
+                break
+            worker_set.workers.append(worker)
+        self._timeout_call = self.reactor.callLater(self.ready_timeout, self._set_timed_out,
+                                                    worker_set)
+        return worker_set
+
+    def _spawn_worker(self, generation):
+        try:
+            worker = self._spawn(self, generation)
+        except Exception as e:
+            self.log.error("{who}: could not spawn a worker: {err}", who=self._who(), err=e)
+            self.reactor.callLater(0, self._spawn_failed, generation, str(e))
+            return None
+        worker.generation = generation
+        worker.started_at = self.reactor.seconds()
+        return worker
+
+    def _spawn_failed(self, generation, error):
+        if self.next is not None and self.next.generation == generation:
+            self._set_failed(self.next, f"a worker could not be spawned: {error}", [])
+
+    # --- upgrading --------------------------------------------------------
+    def _start(self, reason):
+        self._move("upgrade")
+        self.upgrade_started = self.reactor.seconds()
+        self.next = self._start_set(self.generation + 1, reason)
+        self._tell("upgrade-started", child_pid=None, reason=reason)
+
+    def child_ready(self, worker):
+        if worker in self.replacing:
+            self.replacing.remove(worker)
+            self.current.workers.append(worker)
+            self.log.info("{who}: worker pid {w} (generation {g}) replaced a dead one and serves",
+                          who=self._who(), w=worker.pid, g=worker.generation)
+            self._tell("worker-ready", worker_pid=worker.pid)
+            return
+        worker_set = self.next
+        if worker_set is None or worker not in worker_set:
+            return
+        self.log.info("{who}: worker pid {w} (generation {g}) is ready ({n} of {size})",
+                      who=self._who(), w=worker.pid, g=worker_set.generation,
+                      n=len(worker_set.ready()), size=worker_set.size)
+        if len(worker_set.ready()) == worker_set.size:
+            self._set_ready(worker_set)
+
+    def _set_ready(self, worker_set):
+        self._cancel_timeout()
+        old = self.current
+        self.current, self.next = worker_set, None
+        self.generation = worker_set.generation
+        self.crashes = 0
+        first = self.state == STARTING
+        self._move("set-ready")
+        pids = ", ".join(str(p) for p in worker_set.pids())
+        if first:
+            self.log.info("{who}: workers generation {g} serve (pids {pids})", who=self._who(),
+                          g=worker_set.generation, pids=pids)
+            self._tell("serving", source="master", parent_pid=None, listeners={})
+            return
+        self.log.info(
+            "{who}: workers generation {g} are ready after {ms:.0f} ms (pids {pids}); the "
+            "workers of generation {old} stop accepting and drain", who=self._who(),
+            g=worker_set.generation, ms=self._elapsed() * 1000, pids=pids,
+            old=old.generation)
+        self._retire(old.workers + self._abandon_replacements())
+        output = [line for w in worker_set.workers for line in w.output_tail()][-15:]
+        self._record_success(None, output)
+
+    def _abandon_replacements(self):
+        replacing, self.replacing = self.replacing, []
+        return replacing
+
+    def _retire(self, workers):
+        for worker in workers:
+            if not worker.finished:
+                self.retiring.append(worker)
+                # It drains (SIGTERM) within --drain-timeout + --abort-grace;
+                # SIGKILL only if it is still there well after that.
+                worker.terminate(self.drain_timeout + self.abort_grace + 5.0)
+
+    def child_failed(self, worker, how):
+        if self.next is not None and worker in self.next:
+            self._set_failed(self.next, f"worker pid {worker.pid} {how}", worker.output_tail())
+        elif worker in self.replacing:
+            worker.kill()
+
+    def _set_timed_out(self, worker_set):
+        self._timeout_call = None
+        if worker_set is not self.next:
+            return
+        late = [w.pid for w in worker_set.workers if not w.ready]
+        self._set_failed(
+            worker_set, f"worker(s) pid {', '.join(str(p) for p in late)} not ready within "
+                        f"{self.ready_timeout} s; stopped them", [], result="timeout")
+
+    def _set_failed(self, worker_set, error, output, result="failed"):
+        """
+        One worker of the new set failed: stop the whole set; the current
+        one keeps serving.
+        """
+        if worker_set is not self.next:
+            return
+        self.next = None
+        for worker in worker_set.workers:
+            if not worker.finished:
+                worker.kill()
+                self.retiring.append(worker)  # followed until it is gone
+        if self.state == STARTING:
+            self.upgrade_started = self.upgrade_started or self.reactor.seconds()
+            self._record_failure(result, None, error, output, what="the worker")
+            self.log.critical("{who}: the first workers could not start: {error}; exiting",
+                              who=self._who(), error=error)
+            self.exit_status = EXIT_WORKERS_FAILED
+            self._move("set-failed")
+            self._stop_workers()
+            self._wait_and_exit()
+            return
+        self._move("set-failed")
+        self._record_failure(result, None, error, output, what="the worker")
+
+    # --- supervision ------------------------------------------------------
+    def child_ended(self, worker, how):
+        if worker in self.retiring:
+            self.retiring.remove(worker)
+            self._tell("worker-exited", worker_pid=worker.pid, how=how, expected=True)
+        elif self.next is not None and worker in self.next:
+            self._set_failed(self.next, f"worker pid {worker.pid} {how} before the set was "
+                                        f"ready", worker.output_tail())
+        elif worker in self.replacing:
+            self.replacing.remove(worker)
+            self._worker_died(worker, how + " before it was ready")
+        elif self.current is not None and worker in self.current:
+            self.current.workers.remove(worker)
+            self._worker_died(worker, how)
+        self._check_drained()
+
+    def _worker_died(self, worker, how):
+        if self.state in (SHUTTING_DOWN, EXITED):
+            return
+        served = self.reactor.seconds() - getattr(worker, "started_at", 0)
+        self.crashes = 0 if served >= STABLE_SECONDS else self.crashes + 1
+        self.restarts += 1
+        delay = 0 if self.crashes <= 1 else self.backoff(self.crashes - 1)
+        self.log.critical(
+            "{who}: worker pid {w} (generation {g}) {how}; replacing it{when}",
+            who=self._who(), w=worker.pid, g=worker.generation, how=how,
+            when=f" in {delay:.1f} s (it keeps dying)" if delay else "")
+        self._tell("worker-exited", worker_pid=worker.pid, how=how, expected=False,
+                   replace_in=delay)
+        self._replace_call = self.reactor.callLater(delay, self._replace, worker.generation)
+
+    def _replace(self, generation):
+        self._replace_call = None
+        if self.state in (SHUTTING_DOWN, EXITED) or self.current is None:
+            return
+        if generation != self.current.generation:
+            return  # an upgrade replaced the whole set meanwhile
+        missing = self.current.size - len(self.current.ready()) - len(
+            [w for w in self.replacing if not w.finished])
+        if missing <= 0:
+            return
+        worker = self._spawn_worker(generation)
+        if worker is not None:
+            self.replacing.append(worker)
+            self._tell("worker-started", worker_pid=worker.pid)
+
+    # --- stopping ---------------------------------------------------------
+    def stop(self):
+        """
+        SIGTERM/SIGINT: every worker drains and exits, then the master.
+
+        @return: a Deferred that fires once every worker is gone.
+        """
+        refusal = self.refusal("stop")
+        if refusal is not None:
+            if self.state != EXITED:
+                self.log.warn("{who}: stop ignored: {why}", who=self._who(), why=refusal)
+            return self._when_stopped()
+        self._cancel_scheduled("shutting down")
+        self._cancel_timeout()
+        self._move("stop")
+        self.log.info("{who}: shutting down: every worker drains and exits", who=self._who())
+        self._stop_workers()
+        self._tell("shutting-down", was_current=True)
+        return self._when_stopped()
+
+    def _stop_workers(self):
+        if self._replace_call is not None and self._replace_call.active():
+            self._replace_call.cancel()
+        starting = self.replacing + (self.next.workers if self.next else [])
+        for worker in starting:
+            worker.kill()
+        serving = self.current.workers if self.current else []
+        self._retire(serving)
+        self.retiring.extend(w for w in starting if not w.finished)
+        self.next, self.replacing = None, []
+        if self.current is not None:
+            self.current.workers = []
+
+    def _when_stopped(self):
+        if self._stopped is None:
+            self._stopped = defer.Deferred()
+            self._check_drained()
+        d = defer.Deferred()
+        self._stopped.addBoth(lambda r: (d.callback(r), r)[1])
+        return d
+
+    def _check_drained(self):
+        if self.state != SHUTTING_DOWN:
+            return
+        if any(not w.finished for w in self.retiring):
+            return
+        self.retiring = []
+        self._move("drained")
+        self.log.info("{who}: every worker has exited; exiting", who=self._who())
+        self._tell("drained", report=None)
+        if self._stopped is not None and not self._stopped.called:
+            self._stopped.callback(None)
+
+    def _wait_and_exit(self):
+        d = self._when_stopped()
+        if self._exit is not None:
+            d.addCallback(lambda _: self._exit())
+
+
+class MasterService(service.Service):
+    """
+    The master as a twistd service: binds (or inherits from systemd) the
+    listeners, keeps the raw sockets without serving them, and runs the
+    L{Master}.
+
+    @param listeners: ordered listener name -> the raw listening socket.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, listeners, *, workers, pidfile=None, ready_timeout=30.0,
+                 drain_timeout=60.0, abort_grace=5.0, command=None, environ=None,
+                 backoff_base=1.0, backoff_max=60.0, install_signal_handlers=True,
+                 relay_output=True):
+        self.reactor = reactor
+        self.listeners = listeners
+        self.pidfile = os.path.abspath(pidfile) if pidfile else None
+        self.ready_timeout = ready_timeout
+        self.abort_grace = abort_grace
+        self.command = command
+        self.environ = os.environ if environ is None else environ
+        self.install_signal_handlers = install_signal_handlers
+        self.relay_output = relay_output
+        self.cwd = os.getcwd()
+        self.master = Master(reactor, workers=workers, spawn=self._spawn_worker,
+                             ready_timeout=ready_timeout, drain_timeout=drain_timeout,
+                             abort_grace=abort_grace, backoff_base=backoff_base,
+                             backoff_max=backoff_max, exit=self._exit)
+        self._previous_sighup = None
+
+    # The interface observers and the status file know (see GracefulService).
+    @property
+    def generation(self):
+        return self.master.generation
+
+    @property
+    def state(self):
+        return self.master.state
+
+    def add_observer(self, observer):
+        self.master.observers.append(observer)
+
+    def privilegedStartService(self):
+        if self.install_signal_handlers and self._previous_sighup is None:
+            import signal
+
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP,
+                lambda signum, frame: self.reactor.callFromThread(self.upgrade, "SIGHUP"))
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        service.Service.startService(self)
+        from twisted_graceful._twisted import protect_twistd_pidfile
+
+        protect_twistd_pidfile()
+        self.log.info("master pid {pid}: listening on {listeners}; starting {n} worker(s)",
+                      pid=os.getpid(), n=self.master.size,
+                      listeners=", ".join(self.describe_listeners().values()))
+        self.master.start()
+
+    def describe_listeners(self):
+        from twisted_graceful.listeners import describe_socket
+
+        return {name: f"{name}={describe_socket(sock)}" for name, sock in self.listeners.items()}
+
+    def upgrade(self, reason="upgrade requested"):
+        return self.master.request_upgrade(reason)
+
+    def _next_command(self):
+        if self.command is not None:
+            return self.command() if callable(self.command) else self.command
+        return next_generation_command(twistd_config_from_argv(sys.argv), sys.argv, self.cwd)
+
+    def _spawn_worker(self, master, generation):
+        executable, args = self._next_command()
+        proto = NextGenerationProcess(master, relay=self.relay_output, reactor=self.reactor,
+                                      kill_grace=self.abort_grace)
+        spawn_next_generation(
+            self.reactor, proto, executable, args,
+            {name: sock.fileno() for name, sock in self.listeners.items()},
+            None, self.environ, generation, self.pidfile, self.ready_timeout, self.cwd,
+            role=handoff.WORKER)
+        return proto
+
+    def _exit(self):
+        stop_reactor(self.reactor)()
+
+    def _exit_with(self, status):
+        if self.pidfile:
+            remove_pidfile_if_own(self.pidfile)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        d = self.master.stop()
+
+        def close(result):
+            for sock in self.listeners.values():
+                sock.close()
+            if self.master.exit_status:
+                # twistd exits 0 once the reactor stops; say it failed.
+                self.reactor.addSystemEventTrigger(
+                    "after", "shutdown", self._exit_with, self.master.exit_status)
+            return result
+
+        return d.addBoth(close)
