@@ -329,7 +329,10 @@ class Master(StateMachine):
             when=f" in {delay:.1f} s (it keeps dying)" if delay else "")
         self._tell("worker-exited", worker_pid=worker.pid, how=how, expected=False,
                    replace_in=delay)
-        self._replace_call = self.reactor.callLater(delay, self._replace, worker.generation)
+        if delay:
+            self._replace_call = self.reactor.callLater(delay, self._replace, worker.generation)
+        else:
+            self._replace(worker.generation)
 
     def _replace(self, generation):
         self._replace_call = None

@@ -1,0 +1,226 @@
+"""
+The master and its workers, with real processes: a foreground twistd that
+never leaves, blue-green upgrades of the workers, a worker killed under
+load, a new worker set that cannot start, SIGTERM and SIGINT, and a master
+that dies. Synchronised on the status file, the pidfile and the processes
+alive.
+"""
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.e2e import REPO, ServerProcess, http_get, pid_in
+
+DRAIN_TIMEOUT = 10
+ABORT_GRACE = 2
+SLACK = 15
+WORKERS = 2
+
+
+class MasterTestCase(unittest.TestCase):
+    def start(self, *extra):
+        self.db_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.db_dir)
+        server = ServerProcess(self, [
+            "graceful", "--port", "tcp:0:interface=127.0.0.1", "--slow-every", "0",
+            "--workers", str(WORKERS), "--db", os.path.join(self.db_dir, "store.sqlite3"),
+            "--drain-timeout", str(DRAIN_TIMEOUT), "--abort-grace", str(ABORT_GRACE),
+            "--ready-timeout", "20", *extra,
+        ]).start()
+        master = server.wait_pidfile()
+        self.assertEqual(master, server.proc.pid)  # twistd -n itself: it never leaves
+        entry = self.wait_master(server, master, generation=1)
+        worker = entry["workers"][0]["pid"]
+        ports = self.wait_ports(server, worker)
+        return server, master, ports
+
+    def wait_master(self, server, master, generation, timeout=60):
+        """
+        Wait until the master serves with workers of C{generation} and no
+        other worker is left; return its status entry.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = server.status().get(master, {})
+            workers = entry.get("workers") or []
+            live = server.live_processes() - {master}
+            serving = {w["pid"] for w in workers
+                       if w["generation"] == generation and w["state"] == "serving"}
+            if (entry.get("state") == "serving" and entry.get("generation") == generation
+                    and len(serving) == WORKERS and live == serving):
+                return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"master {master} never served generation {generation} "
+                                     f"alone: {entry}; live {sorted(live)}\n" + server.output())
+            time.sleep(0.05)  # several processes' state: nothing single to wait on
+
+    def wait_ports(self, server, worker, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            listeners = server.status().get(worker, {}).get("listeners") or {}
+            if "http" in listeners:
+                return {name: int(where.rsplit(":", 1)[1]) for name, where in listeners.items()}
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker {worker} never said where it listens\n"
+                                     + server.output())
+            time.sleep(0.05)
+
+    def wait_inflight(self, metrics_port, timeout=30):
+        """
+        Wait until a worker says (in its metrics) that it handles an HTTP
+        request; each scrape reaches one worker or another.
+        """
+        deadline = time.monotonic() + timeout
+        needle = 'graceful_inflight_transactions{protocol="http"} 1.0'
+        while needle not in http_get(metrics_port, "/metrics")[1]:
+            self.assertLess(time.monotonic(), deadline, "no request in flight")
+            time.sleep(0.02)
+
+    def assert_answered_by(self, server, port, entry, requests=16):
+        pids = {w["pid"] for w in entry["workers"]}
+        for _ in range(requests):
+            status, body, _ = http_get(port)
+            self.assertEqual(status, 200)
+            self.assertIn(pid_in(body), pids)
+            self.assertIn(f"(generation {entry['generation']})", body)
+
+    def cli(self, server, *args):
+        return subprocess.run(
+            [sys.executable, "-m", "twisted_graceful", *args, "--pidfile", server.pidfile],
+            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+
+
+class UpgradeTests(MasterTestCase):
+    def test_five_upgrades_keep_the_master_and_the_pidfile(self):
+        server, master, ports = self.start()
+        first = self.wait_master(server, master, 1)
+        self.assert_answered_by(server, ports["http"], first)
+        # The design note's demo: an old worker finishes a slow request while
+        # the new workers answer.
+        result = {}
+        slow = threading.Thread(target=lambda: result.setdefault(
+            "r", http_get(ports["http"], "/slow?seconds=3", timeout=60)))
+        slow.start()
+        for generation in range(2, 7):
+            self.assertEqual(server.request_upgrade(master), "started")
+            entry = self.wait_master(server, master, generation)
+            self.assertIsNone(server.proc.poll(), "the foreground twistd left")
+            self.assertEqual(server.read_pidfile(), master)
+            self.assertEqual(entry["last_upgrade"]["result"], "ok")
+            self.assert_answered_by(server, ports["http"], entry)
+            slow.join(0)
+        slow.join(60)
+        self.assertEqual(result["r"][0], 200)
+        self.assertIn(pid_in(result["r"][1]), {w["pid"] for w in first["workers"]})
+        status = self.cli(server, "status")
+        self.assertIn(f"master pid {master}: serving, workers generation 6", status.stdout)
+        server.signal(master, signal.SIGTERM)
+        server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
+        # twistd ends by the signal it stopped for, as a well-behaved program does.
+        self.assertIn(server.proc.wait(30), (0, -signal.SIGTERM))
+        self.assertFalse(os.path.exists(server.pidfile))
+
+    def test_reload_command_waits_for_every_new_worker(self):
+        server, master, ports = self.start()
+        result = self.cli(server, "reload", "--timeout", "60")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        entry = self.wait_master(server, master, 2)
+        self.assertIn("reloaded: workers generation 2", result.stdout)
+        for worker in entry["workers"]:
+            self.assertIn(str(worker["pid"]), result.stdout)
+
+    def test_a_new_set_that_cannot_start_leaves_the_old_one_serving(self):
+        server, master, ports = self.start()
+        first = self.wait_master(server, master, 1)
+        os.rename(self.db_dir, self.db_dir + ".away")  # a broken deploy: --db is gone
+        result = self.cli(server, "reload", "--timeout", "60")
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("reload failed", result.stdout)
+        self.assertIn("the directory does not exist", result.stdout)
+        entry = self.wait_master(server, master, 1)
+        self.assertEqual({w["pid"] for w in entry["workers"]}, {w["pid"] for w in first["workers"]})
+        self.assert_answered_by(server, ports["http"], entry)
+        os.rename(self.db_dir + ".away", self.db_dir)
+        result = self.cli(server, "reload", "--timeout", "60")  # after the backoff
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assert_answered_by(server, ports["http"], self.wait_master(server, master, 2))
+
+
+class SupervisionTests(MasterTestCase):
+    def test_a_killed_worker_is_replaced_and_nothing_is_refused(self):
+        server, master, ports = self.start()
+        entry = self.wait_master(server, master, 1)
+        stop = threading.Event()
+        counts = {"ok": 0, "refused": 0, "cut": 0}
+
+        def load():
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    status, _, _ = http_get(ports["http"], timeout=10)
+                    counts["ok" if status == 200 else "cut"] += 1
+                except ConnectionRefusedError:
+                    counts["refused"] += 1
+                except (ConnectionError, http.client.HTTPException, OSError):
+                    counts["cut"] += 1  # in flight on the killed worker
+
+        client = threading.Thread(target=load)
+        client.start()
+        self.addCleanup(stop.set)
+        victim = entry["workers"][0]["pid"]
+        before = counts["ok"]
+        while counts["ok"] == before:
+            time.sleep(0.01)  # the load is running
+        server.signal(victim, signal.SIGKILL)
+        server.wait_gone(victim)
+        deadline = time.monotonic() + 30
+        while True:
+            entry = server.status().get(master, {})
+            serving = [w["pid"] for w in entry.get("workers") or [] if w["state"] == "serving"]
+            if len(serving) == WORKERS and victim not in serving:
+                break
+            self.assertLess(time.monotonic(), deadline, entry)
+            time.sleep(0.05)
+        served = counts["ok"]
+        while counts["ok"] < served + 20:
+            time.sleep(0.01)
+        stop.set()
+        client.join(30)
+        self.assertEqual(counts["refused"], 0, counts)
+        self.assertLessEqual(counts["cut"], 1, counts)  # at most the one it was answering
+        self.assertEqual(server.read_pidfile(), master)
+
+    def test_workers_do_not_outlive_their_master(self):
+        server, master, ports = self.start()
+        entry = self.wait_master(server, master, 1)
+        server.signal(master, signal.SIGKILL)
+        for worker in entry["workers"]:
+            server.wait_gone(worker["pid"], timeout=DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
+
+
+class StopTests(MasterTestCase):
+    def stop_with(self, signum):
+        server, master, ports = self.start()
+        result = {}
+        slow = threading.Thread(target=lambda: result.setdefault(
+            "r", http_get(ports["http"], "/slow?seconds=2", timeout=60)))
+        slow.start()
+        self.wait_inflight(ports["metrics"])
+        server.signal(master, signum)
+        server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
+        self.assertIn(server.proc.wait(30), (0, -signum))
+        slow.join(30)
+        self.assertEqual(result["r"][0], 200)  # a request in flight is finished, not cut
+
+    def test_sigterm_ends_every_process(self):
+        self.stop_with(signal.SIGTERM)
+
+    def test_sigint_ends_every_process(self):
+        self.stop_with(signal.SIGINT)
