@@ -224,3 +224,44 @@ class StopTests(MasterTestCase):
 
     def test_sigint_ends_every_process(self):
         self.stop_with(signal.SIGINT)
+
+
+class ReexecTests(MasterTestCase):
+    def test_sigusr2_reexecutes_the_master_in_place(self):
+        """
+        The master runs its new code with the same PID, the same sockets and
+        the same workers, which it then upgrades; nothing is refused meanwhile.
+        """
+        server, master, ports = self.start()
+        first = self.wait_master(server, master, 1)
+        self.assertEqual(first["execs"], 0)
+        server.signal(master, signal.SIGUSR2)
+        entry = self.wait_master(server, master, 2)
+        self.assertEqual(entry["execs"], 1)  # the new image counts itself
+        self.assertEqual(server.read_pidfile(), master)
+        self.assertIsNone(server.proc.poll())
+        self.assert_answered_by(server, ports["http"], entry)
+        # Again, and the master still stops every worker at the end.
+        server.signal(master, signal.SIGUSR2)
+        entry = self.wait_master(server, master, 3)
+        self.assertEqual(entry["execs"], 2)
+        server.signal(master, signal.SIGTERM)
+        server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
+        self.assertIn(server.proc.wait(30), (0, -signal.SIGTERM))
+
+    def test_a_failed_preflight_changes_nothing(self):
+        server, master, ports = self.start()
+        first = self.wait_master(server, master, 1)
+        os.rename(self.db_dir, self.db_dir + ".away")  # the new code could not start
+        server.signal(master, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while server.status().get(master, {}).get("last_reexec") is None:
+            self.assertLess(time.monotonic(), deadline, server.output())
+            time.sleep(0.05)
+        entry = server.status()[master]
+        self.assertEqual(entry["last_reexec"]["answer"], "refused")
+        self.assertIn("the directory does not exist", entry["last_reexec"]["why"])
+        self.assertEqual(entry["execs"], 0)
+        self.assertEqual({w["pid"] for w in entry["workers"]},
+                         {w["pid"] for w in first["workers"]})
+        self.assert_answered_by(server, ports["http"], entry)

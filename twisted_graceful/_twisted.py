@@ -13,6 +13,10 @@ else (docs/design.md, "What the code relies on").
   - L{append_to_logfiles}, L{stop_rotating}: twistd's log file is opened
     without C{O_APPEND} (C{BaseLogFile._openFile}), so two overlapping
     generations overwrite each other's lines, and both would rotate it.
+  - L{watch_adopted_child}: C{twisted.internet.process}'s reaper registry.
+    A master that re-executed itself keeps its workers as children, but its
+    new reactor never spawned them: without a registered handler, Twisted's
+    SIGCHLD handling would neither reap them nor tell us they exited.
   - L{GenericHTTPChannelProtocol}: C{twisted.web.http._GenericHTTPChannelProtocol},
     the wrapper C{Site.buildProtocol} puts around every C{HTTPChannel}.
 """
@@ -138,3 +142,39 @@ def stop_rotating():
     """
     for logfile in list(_open_logfiles):
         logfile.rotateLength = None
+
+
+def watch_adopted_child(pid, exited):
+    """
+    Reap C{pid}, a child this process did not spawn through the reactor (it
+    was spawned by our previous image), and call C{exited(status)} (a
+    C{waitpid} status) once it is gone. Returns a function that stops
+    watching.
+    """
+    from twisted.internet import process
+
+    class Reaper:
+        def reapProcess(self):
+            try:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                reaped, status = pid, 0
+            if reaped:
+                process.unregisterReapProcessHandler(pid, self)
+                exited(status)
+
+        def processEnded(self, status):  # registerReapProcessHandler, if already gone
+            exited(status)
+
+    reaper = Reaper()
+    try:
+        process.registerReapProcessHandler(pid, reaper)
+    except ChildProcessError:
+        exited(0)
+        return lambda: None
+
+    def stop():
+        if process.reapProcessHandlers.get(pid) is reaper:
+            process.unregisterReapProcessHandler(pid, reaper)
+
+    return stop

@@ -281,6 +281,27 @@ def master_status(pid, entry, alive=pid_alive):
     return lines
 
 
+def preflight(graceful_args, out=None):
+    """
+    Import the code on disk and parse C{graceful_args} as C{twistd graceful}
+    would, binding nothing: 0 if it would start, 2 with the reason if not.
+    """
+    out = out or sys.stdout
+    from twisted.python import usage
+
+    from twisted_graceful import tap
+
+    options = tap.Options()
+    options.preflight = True
+    try:
+        options.parseOptions(graceful_args)
+    except usage.UsageError as e:
+        out.write(f"preflight: {e}\n")
+        return EXIT_USAGE
+    out.write("preflight: ok\n")
+    return EXIT_OK
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m twisted_graceful",
@@ -296,7 +317,16 @@ def main(argv=None):
     status_parser = commands.add_parser("status", help="say what the server is doing")
     status_parser.add_argument("--pidfile", default="twistd.pid")
     status_parser.add_argument("--json", action="store_true", help="the whole status entry")
+    preflight_parser = commands.add_parser(
+        "preflight", help="import the server's code and check `twistd graceful` options "
+                          "without binding anything (a master runs it before re-executing)")
+    preflight_parser.add_argument("graceful_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "preflight":
+        graceful_args = args.graceful_args
+        if graceful_args[:1] == ["--"]:
+            graceful_args = graceful_args[1:]
+        return preflight(graceful_args)
     if args.command == "reload":
         if args.timeout <= 0:
             parser.error("--timeout must be > 0")

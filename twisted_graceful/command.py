@@ -112,13 +112,16 @@ def _strip_own_options(options):
     return out
 
 
-def next_generation_command(twistd_config, argv=None, cwd=None, executable=None):
+def next_generation_command(twistd_config, argv=None, cwd=None, executable=None, pidfile=""):
     """
     Build C{(executable, args)} for the next generation of a twistd process.
 
     @param twistd_config: twistd's parsed options (C{ServerOptions}, the
         C{parent} of a plugin's options) or a dict with C{nodaemon},
         C{logfile}, C{subCommand}.
+    @param pidfile: the next process's C{--pidfile} (none by default: a next
+        generation or a worker starts while this process lives; a master
+        re-executing itself keeps its own).
     """
     argv = list(sys.argv if argv is None else argv)
     cwd = cwd or os.getcwd()
@@ -129,7 +132,7 @@ def next_generation_command(twistd_config, argv=None, cwd=None, executable=None)
     )
     options, rest = split_twistd_argv(argv[1:], subcommand)
     options = _strip_own_options(options)
-    extra = ["--nodaemon", "--pidfile="]
+    extra = ["--nodaemon", "--pidfile=" + (pidfile or "")]
     logfile = twistd_config.get("logfile") or ""
     nodaemon = bool(twistd_config.get("nodaemon"))
     if logfile and logfile != "-":

@@ -31,6 +31,11 @@ STDIO_FDS_ENV = "GRACEFUL_STDIO_FDS"  # the parent's own stdout,stderr
 READY_TIMEOUT_ENV = "GRACEFUL_READY_TIMEOUT"  # seconds the parent waits for us
 LINEAGE_FD_ENV = "GRACEFUL_LINEAGE_FD"  # the record of which generation is current
 ROLE_ENV = "GRACEFUL_ROLE"  # "successor" (the next generation) or "worker" (of a master)
+# A master re-executing itself (SIGUSR2) hands these to its new image:
+MASTER_LISTENERS_ENV = "GRACEFUL_MASTER_LISTENERS"  # "http=7,txn=8": its listening sockets
+MASTER_WORKERS_ENV = "GRACEFUL_MASTER_WORKERS"  # "pid:generation,...": the serving workers
+MASTER_EXECS_ENV = "GRACEFUL_MASTER_EXECS"  # how many times the master re-executed itself
+MASTER_VARIABLES = (MASTER_LISTENERS_ENV, MASTER_WORKERS_ENV)
 SUCCESSOR = "successor"
 WORKER = "worker"
 ROLES = (SUCCESSOR, WORKER)
@@ -83,25 +88,25 @@ def _fd_number(variable, text, value=None):
     return fd
 
 
-def parse_listener_map(text):
+def parse_listener_map(text, variable=LISTENERS_ENV):
     """
     Parse C{name=fd,name=fd} into an ordered dict, raising L{HandoffError}
     naming the variable.
     """
     result = {}
     if not text or not text.strip():
-        raise HandoffError(f"{LISTENERS_ENV} is empty: the previous generation passed no listeners")
+        raise HandoffError(f"{variable} is empty: the previous generation passed no listeners")
     for item in text.split(","):
         name, sep, fd_text = item.strip().partition("=")
         if not sep or not _NAME.match(name):
             raise HandoffError(
-                f"{LISTENERS_ENV}={text!r}: {item!r} is not of the form name=fd"
+                f"{variable}={text!r}: {item!r} is not of the form name=fd"
             )
         if name in result:
-            raise HandoffError(f"{LISTENERS_ENV}={text!r}: listener {name!r} is named twice")
-        fd = _fd_number(LISTENERS_ENV, fd_text, text)
+            raise HandoffError(f"{variable}={text!r}: listener {name!r} is named twice")
+        fd = _fd_number(variable, fd_text, text)
         if fd in result.values():
-            raise HandoffError(f"{LISTENERS_ENV}={text!r}: fd {fd} is given to two listeners")
+            raise HandoffError(f"{variable}={text!r}: fd {fd} is given to two listeners")
         result[name] = fd
     return result
 
@@ -155,6 +160,56 @@ def next_generation_handoff(listeners, lineage_fd, environ, generation, parent_p
     return child_fds, environment
 
 
+def master_reexec_environment(listeners, workers, generation, execs, environ):
+    """
+    The environment of a master's new image: ours, plus its listening
+    sockets (kept open across C{execve}) and the workers it adopts.
+
+    @param listeners: listener name -> fd (made inheritable by the caller).
+    @param workers: (pid, generation, draining) of each worker.
+    """
+    environment = {k: v for k, v in environ.items()
+                   if k not in HANDOFF_VARIABLES + MASTER_VARIABLES}
+    environment[MASTER_LISTENERS_ENV] = format_listener_map(listeners)
+    environment[MASTER_WORKERS_ENV] = ",".join(
+        f"{pid}:{gen}" + (":draining" if draining else "") for pid, gen, draining in workers)
+    environment[MASTER_EXECS_ENV] = str(execs)
+    environment[GENERATION_ENV] = str(generation)
+    return environment
+
+
+def is_master_reexec(environ):
+    return MASTER_LISTENERS_ENV in environ
+
+
+def inherit_master_workers(environ):
+    """
+    The workers a re-executed master adopts: [(pid, generation, draining)].
+    """
+    text = environ.get(MASTER_WORKERS_ENV, "")
+    workers = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if (len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1].isdigit()
+                or int(parts[0]) < 2 or parts[2:] not in ([], ["draining"])):
+            raise HandoffError(f"{MASTER_WORKERS_ENV}={text!r}: {item!r} is not "
+                               f"pid:generation[:draining]")
+        workers.append((int(parts[0]), int(parts[1]), len(parts) == 3))
+    return workers
+
+
+def inherit_master_listeners(environ, wanted):
+    """
+    A re-executed master's own listening sockets, by name.
+    """
+    return inherit_listeners(environ, wanted, variable=MASTER_LISTENERS_ENV)
+
+
+def forget_master_handoff(environ):
+    for name in MASTER_VARIABLES + (GENERATION_ENV,):
+        environ.pop(name, None)
+
+
 def format_ready_message(pid):
     return READY_MESSAGE % (pid,)
 
@@ -177,7 +232,7 @@ def parse_ready_message(data):
         raise ValueError(data)
 
 
-def inherit_listeners(environ, wanted):
+def inherit_listeners(environ, wanted, variable=LISTENERS_ENV):
     """
     Take over the listeners named in C{environ}.
 
@@ -185,18 +240,18 @@ def inherit_listeners(environ, wanted):
     @return: listener name -> socket (each a dup; the inherited fds are closed).
     @raise HandoffError: naming the variable, for anything missing or malformed.
     """
-    mapping = parse_listener_map(environ.get(LISTENERS_ENV, ""))
+    mapping = parse_listener_map(environ.get(variable, ""), variable)
     missing = [name for name in wanted if name not in mapping]
     if missing:
         raise HandoffError(
-            f"{LISTENERS_ENV}={environ.get(LISTENERS_ENV)!r} has no listener named "
+            f"{variable}={environ.get(variable)!r} has no listener named "
             f"{', '.join(repr(m) for m in missing)}; the previous generation was started "
             f"with different listener options"
         )
     unexpected = [name for name in mapping if name not in wanted]
     if unexpected:
         raise HandoffError(
-            f"{LISTENERS_ENV}={environ.get(LISTENERS_ENV)!r} passes "
+            f"{variable}={environ.get(variable)!r} passes "
             f"{', '.join(repr(u) for u in unexpected)}, which this generation has no "
             f"option for; start it with the same listener options as the previous one"
         )
@@ -206,7 +261,7 @@ def inherit_listeners(environ, wanted):
             try:
                 sockets[name] = check_listening_socket(fd, wanted[name])
             except ListenerError as e:
-                raise HandoffError(f"{LISTENERS_ENV}: listener {name!r}: {e}")
+                raise HandoffError(f"{variable}: listener {name!r}: {e}")
     except BaseException:
         for sock in sockets.values():
             sock.close()

@@ -23,6 +23,7 @@ class Inheritance:
         self.sockets = sockets
         self.lineage_fd = lineage_fd
         self.role = role  # how a previous process started us: successor, worker, or None
+        self.workers = []  # (pid, generation) a re-executed master adopts
         self.generation = generation
         self.ready_fd = ready_fd
         self.stdio_fds = stdio_fds
@@ -43,6 +44,8 @@ class Inheritance:
         """
         environ = os.environ if environ is None else environ
         options = options or {}
+        if handoff.is_master_reexec(environ):
+            return cls._master_reexec(specs, environ)
         if handoff.is_handoff(environ):
             wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
             role = handoff.inherit_role(environ)
@@ -104,3 +107,24 @@ class Inheritance:
             raise
         return cls(OrderedDict((name, sockets[name]) for name in specs),
                    source="systemd" if activated else "bound")
+
+    @classmethod
+    def _master_reexec(cls, specs, environ):
+        """
+        A master that re-executed itself (SIGUSR2) keeps its sockets and its
+        workers.
+        """
+        wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
+        sockets = handoff.inherit_master_listeners(environ, wanted)
+        try:
+            workers = handoff.inherit_master_workers(environ)
+            generation = handoff.inherit_generation(environ, handoff.WORKER)
+        except BaseException:
+            for sock in sockets.values():
+                sock.close()
+            raise
+        handoff.forget_master_handoff(environ)
+        result = cls(OrderedDict((name, sockets[name]) for name in specs), generation,
+                     source="re-exec")
+        result.workers = workers
+        return result

@@ -21,6 +21,7 @@ replaced after a backoff that grows.
 """
 
 import os
+import signal
 import sys
 
 from twisted.application import service
@@ -28,6 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_graceful import handoff
+from twisted_graceful._twisted import watch_adopted_child
 from twisted_graceful.command import next_generation_command, twistd_config_from_argv
 from twisted_graceful.lifecycle import (
     EXITED,
@@ -44,6 +46,7 @@ from twisted_graceful.pidfile import remove_pidfile_if_own
 
 MASTER = "master"
 TRANSITIONS = {
+    (STARTING, "adopt"): SERVING,
     (STARTING, "set-ready"): SERVING,
     (STARTING, "set-failed"): SHUTTING_DOWN,
     (STARTING, "stop"): SHUTTING_DOWN,
@@ -90,6 +93,62 @@ class WorkerSet:
         return [w.pid for w in self.workers]
 
 
+class AdoptedWorker:
+    """
+    A worker our previous image spawned (before SIGUSR2): still our child,
+    serving, but the reactor never spawned it. Looks like a
+    L{NextGenerationProcess} to the L{Master}.
+    """
+
+    def __init__(self, master, pid, generation, reactor, kill_grace):
+        self.master = master
+        self.pid = pid
+        self.generation = generation
+        self.reactor = reactor
+        self.kill_grace = kill_grace
+        self.ready = True
+        self.finished = False
+        self.started_at = reactor.seconds() - STABLE_SECONDS  # it served before us
+        self.ended = defer.Deferred()
+        self._kill_timer = None
+        self._stop_watching = watch_adopted_child(pid, self._exited)
+
+    def _exited(self, status):
+        if self.finished:
+            return
+        self.finished = True
+        if self._kill_timer is not None and self._kill_timer.active():
+            self._kill_timer.cancel()
+        if os.WIFSIGNALED(status):
+            try:
+                how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            except ValueError:
+                how = f"was killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with status {os.WEXITSTATUS(status)}"
+        self.master.child_ended(self, how)
+        self.ended.callback(how)
+
+    def _signal(self, signum):
+        if self.finished:
+            return
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self):
+        self.terminate(self.kill_grace)
+
+    def terminate(self, kill_after):
+        self._signal(signal.SIGTERM)
+        if self._kill_timer is None:
+            self._kill_timer = self.reactor.callLater(kill_after, self._signal, signal.SIGKILL)
+
+    def output_tail(self):
+        return []
+
+
 class Master(StateMachine):
     """
     The state machine of the master and the worker sets it runs.
@@ -121,6 +180,7 @@ class Master(StateMachine):
         self.replacing = []  # replacements for dead workers of the current set, not ready yet
         self.crashes = 0  # workers of the current set that died in a row, quickly
         self.restarts = 0
+        self.execs = 0  # times the master re-executed itself (SIGUSR2)
         self._replace_call = None
         self._stopped = None
         self.exit_status = 0
@@ -140,6 +200,7 @@ class Master(StateMachine):
 
     def _tell(self, event, **details):
         details.setdefault("workers", self.describe_workers())
+        details.setdefault("execs", self.execs)
         StateMachine._tell(self, event, **details)
 
     def describe_workers(self):
@@ -172,6 +233,28 @@ class Master(StateMachine):
         """
         self.upgrade_started = self.reactor.seconds()
         self.next = self._start_set(1, "start")
+
+    def adopt(self, workers, draining, generation):
+        """
+        Our previous image re-executed into us: C{workers} (adopted, serving)
+        are the current set, C{draining} ones go on draining; an upgrade
+        replaces the current set with workers running the code now on disk.
+        """
+        worker_set = WorkerSet(generation, self.size)
+        worker_set.workers = list(workers)
+        self.retiring = list(draining)
+        self.generation = generation
+        self.current = worker_set
+        self._move("adopt")
+        self.log.info("{who}: re-executed; adopted workers generation {g} (pids {pids})",
+                      who=self._who(), g=generation,
+                      pids=", ".join(str(w.pid) for w in workers))
+        self._tell("serving", source="re-exec", parent_pid=None, listeners={})
+        alive = [w for w in workers if not w.finished]
+        if len(alive) < self.size:
+            for _ in range(self.size - len(alive)):
+                self._replace(generation)
+        self.request_upgrade("re-exec")
 
     def _start_set(self, generation, reason):
         worker_set = WorkerSet(generation, self.size)
@@ -422,7 +505,8 @@ class MasterService(service.Service):
     def __init__(self, reactor, listeners, *, workers, pidfile=None, ready_timeout=30.0,
                  drain_timeout=60.0, abort_grace=5.0, command=None, environ=None,
                  backoff_base=1.0, backoff_max=60.0, install_signal_handlers=True,
-                 relay_output=True):
+                 relay_output=True, reexec_command=None, preflight_command=None, adopted=(),
+                 generation=1):
         self.reactor = reactor
         self.listeners = listeners
         self.pidfile = os.path.abspath(pidfile) if pidfile else None
@@ -438,6 +522,13 @@ class MasterService(service.Service):
                              abort_grace=abort_grace, backoff_base=backoff_base,
                              backoff_max=backoff_max, exit=self._exit)
         self._previous_sighup = None
+        self.reexec_command = reexec_command
+        self.preflight_command = preflight_command
+        self.adopted = list(adopted)  # (pid, generation, draining) from our previous image
+        self.adopted_generation = generation
+        self.execs = int(self.environ.get(handoff.MASTER_EXECS_ENV, "0") or 0)
+        self.master.execs = self.execs
+        self._reexecuting = False
 
     # The interface observers and the status file know (see GracefulService).
     @property
@@ -453,11 +544,12 @@ class MasterService(service.Service):
 
     def privilegedStartService(self):
         if self.install_signal_handlers and self._previous_sighup is None:
-            import signal
-
             self._previous_sighup = signal.signal(
                 signal.SIGHUP,
                 lambda signum, frame: self.reactor.callFromThread(self.upgrade, "SIGHUP"))
+            signal.signal(
+                signal.SIGUSR2,
+                lambda signum, frame: self.reactor.callFromThread(self.reexec, "SIGUSR2"))
         service.Service.privilegedStartService(self)
 
     def startService(self):
@@ -465,10 +557,19 @@ class MasterService(service.Service):
         from twisted_graceful._twisted import protect_twistd_pidfile
 
         protect_twistd_pidfile()
-        self.log.info("master pid {pid}: listening on {listeners}; starting {n} worker(s)",
-                      pid=os.getpid(), n=self.master.size,
-                      listeners=", ".join(self.describe_listeners().values()))
-        self.master.start()
+        self.log.info("master pid {pid}: listening on {listeners}; {what}",
+                      pid=os.getpid(), listeners=", ".join(self.describe_listeners().values()),
+                      what=(f"adopting {len(self.adopted)} worker(s)" if self.adopted else
+                            f"starting {self.master.size} worker(s)"))
+        if self.adopted:
+            workers = [(AdoptedWorker(self.master, pid, generation, self.reactor,
+                                      self.abort_grace), draining)
+                       for pid, generation, draining in self.adopted]
+            self.master.adopt([w for w, draining in workers if not draining],
+                              [w for w, draining in workers if draining],
+                              self.adopted_generation)
+        else:
+            self.master.start()
 
     def describe_listeners(self):
         from twisted_graceful.listeners import describe_socket
@@ -493,6 +594,86 @@ class MasterService(service.Service):
             None, self.environ, generation, self.pidfile, self.ready_timeout, self.cwd,
             role=handoff.WORKER)
         return proto
+
+    # --- re-executing the master's own code (SIGUSR2) ------------------------
+    def reexec(self, reason="SIGUSR2"):
+        """
+        Replace the master's own code in place (same PID, same sockets, same
+        workers), once the new code passed a preflight in a throwaway
+        process; then upgrade the workers.
+
+        @return: a Deferred firing with C{"refused"} (or never: the process
+            image is replaced).
+        """
+        why = None
+        if self.reexec_command is None:
+            why = "this master cannot re-execute itself (no command line to run)"
+        elif self._reexecuting:
+            why = "a re-exec is already in progress"
+        elif self.master.state != SERVING:
+            why = f"the master is {self.master.state}"
+        elif self.master.replacing:
+            why = "a dead worker is being replaced; try again once it serves"
+        if why is not None:
+            return defer.succeed(self._reexec_refused(reason, why))
+        self._reexecuting = True
+        self.log.info("master pid {pid}: {reason}: checking the new code before re-executing",
+                      pid=os.getpid(), reason=reason)
+        d = self._preflight()
+
+        def checked(result):
+            out, err, code = result
+            if code != 0:
+                lines = [line for line in (out + err).decode("utf-8", "replace").splitlines()
+                         if line.strip()]
+                self._reexecuting = False
+                return self._reexec_refused(
+                    reason, f"the new code failed its preflight (exit status {code}): "
+                            f"{lines[-1] if lines else 'no output'}")
+            if self.master.state != SERVING:
+                self._reexecuting = False
+                return self._reexec_refused(reason, f"the master is {self.master.state}")
+            self._exec(reason)
+
+        return d.addCallback(checked)
+
+    def _reexec_refused(self, reason, why):
+        self.log.warn("master pid {pid}: {reason} ignored: {why}; the master and its workers "
+                      "keep running", pid=os.getpid(), reason=reason, why=why)
+        self.master._tell("reexec-refused", reason=reason, why=why)
+        return "refused"
+
+    def _preflight(self):
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        executable, args = self.preflight_command()
+        return getProcessOutputAndValue(executable, args[1:], env=dict(self.environ),
+                                        path=self.cwd, reactor=self.reactor)
+
+    def _exec(self, reason):
+        master = self.master
+        workers = [(w.pid, w.generation, False) for w in master.current.workers
+                   if not w.finished]
+        workers += [(w.pid, w.generation, True) for w in master.retiring if not w.finished]
+        fds = {}
+        for name, sock in self.listeners.items():
+            os.set_inheritable(sock.fileno(), True)
+            fds[name] = sock.fileno()
+        environment = handoff.master_reexec_environment(
+            fds, workers, master.generation, self.execs + 1, self.environ)
+        executable, args = self.reexec_command()
+        self.log.info("master pid {pid}: {reason}: re-executing {args} (keeping {n} "
+                      "listener(s) and {w} worker(s))", pid=os.getpid(), reason=reason,
+                      args=" ".join(args), n=len(fds), w=len(workers))
+        # twistd refuses to start when its pidfile names a live process: ours.
+        if self.pidfile:
+            remove_pidfile_if_own(self.pidfile)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os.execve(executable, args, environment)
 
     def _exit(self):
         stop_reactor(self.reactor)()

@@ -99,13 +99,17 @@ class ProcessStatus:
         self.drain = None
         self.role = None
         self.workers = None
+        self.execs = None
+        self.last_reexec = None
         graceful.add_observer(self._event)
 
     def _event(self, event, pid=None, generation=None, state=None, role=None, workers=None,
-               **details):
+               execs=None, **details):
         self.pid, self.generation, self.state, self.role = pid, generation, state, role
         if workers is not None:
             self.workers = workers
+        if execs is not None:
+            self.execs = execs
         if event == "serving":
             self.serving_since = self.clock()
             self.source = details.get("source")
@@ -116,6 +120,9 @@ class ProcessStatus:
             self.upgrade_requests += 1
             self.last_request = {"reason": details.get("reason"), "answer": details.get("answer"),
                                  "why": details.get("why"), "at": self.clock()}
+        elif event == "reexec-refused":
+            self.last_reexec = {"answer": "refused", "reason": details.get("reason"),
+                                "why": details.get("why"), "at": self.clock()}
         elif event == "upgrade-scheduled":
             self.scheduled_upgrade = {"at": self.clock() + details["delay"],
                                       "reason": details.get("reason")}
@@ -147,6 +154,8 @@ class ProcessStatus:
             "pid": self.pid or os.getpid(),
             "role": self.role,
             "workers": self.workers,
+            "execs": self.execs,
+            "last_reexec": self.last_reexec,
             "generation": self.generation or self.graceful.generation,
             "state": self.state,
             "started_at": self.started_at,

@@ -3,6 +3,7 @@ C{twistd graceful}: the options and the wiring of the demo server.
 """
 
 import os
+import sys
 
 from twisted.python import usage
 
@@ -118,6 +119,8 @@ class Options(usage.Options):
             for name, (option, description) in self.listener_options().items():
                 specs[name] = parse_listen_description(description, option)
                 options[name] = option
+            if getattr(self, "preflight", False):
+                return  # a check of the options and the code: bind nothing
             # Bind (or inherit) now, before twistd daemonizes: a port in use or
             # garbage from the previous generation is a usage error, not a traceback.
             self.inheritance = Inheritance.acquire(specs, os.environ, self["reuse-port"], options)
@@ -158,7 +161,7 @@ def makeService(options):
         return next_generation_command(twistd_config, cwd=options.cwd)
 
     if is_master(options):
-        return make_master(options, reactor, pidfile, command)
+        return make_master(options, reactor, pidfile, command, twistd_config)
 
     graceful = GracefulService(
         reactor,
@@ -194,14 +197,28 @@ def makeService(options):
     return graceful
 
 
-def make_master(options, reactor, pidfile, command):
+def make_master(options, reactor, pidfile, command, twistd_config):
     """
     The master: the listeners' sockets and the workers, nothing served here.
     """
+    absolute_pidfile = os.path.join(options.cwd, pidfile) if pidfile else ""
+
+    def reexec_command():
+        return next_generation_command(twistd_config, cwd=options.cwd, pidfile=absolute_pidfile)
+
+    def preflight_command():
+        _, args = next_generation_command(twistd_config, cwd=options.cwd)
+        graceful_args = args[args.index(twistd_config.subCommand) + 1:] if getattr(
+            twistd_config, "subCommand", None) in args else []
+        return sys.executable, [sys.executable, "-m", "twisted_graceful", "preflight", "--",
+                                *graceful_args]
+
+    inh = options.inheritance
     master = MasterService(
-        reactor, options.inheritance.sockets, workers=options["workers"], pidfile=pidfile,
+        reactor, inh.sockets, workers=options["workers"], pidfile=pidfile,
         ready_timeout=options["ready-timeout"], drain_timeout=options["drain-timeout"],
-        abort_grace=options["abort-grace"], command=command,
+        abort_grace=options["abort-grace"], command=command, reexec_command=reexec_command,
+        preflight_command=preflight_command, adopted=inh.workers, generation=inh.generation,
     )
     StatusFile(master)
     install_sd_notify(master)
