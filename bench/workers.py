@@ -1,0 +1,373 @@
+"""
+The master and its workers, measured (issue: master and workers).
+
+    python -m bench.workers --upgrades 100 --kills 20 --rounds 5 [--json FILE]
+
+  1. throughput: `--workers 2` against `--workers 1`, keep-alive and
+     `Connection: close`, wrk with one thread, in interleaved rounds (medians
+     and their ratio), with the CPU seconds the server and wrk used;
+  2. upgrades: N SIGHUPs to the master of `--workers 2` under the reload
+     benchmark's mixed load (keep-alive, fresh, POST, transactions), every
+     failure counted and every acknowledged commit and POST checked;
+  3. kill -9: K times a random worker under the same load, each replaced;
+  4. time from the signal to every new worker ready, against a fresh start's
+     time to its first answer; RSS of the master and of each worker.
+
+Every load loop is bounded in time and count, and only 127.0.0.1 is used.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+from bench.reload import (
+    REPO,
+    TWISTD,
+    Recorder,
+    check_commits,
+    check_posts,
+    http_client,
+    txn_client,
+)
+from twisted_graceful.statusfile import read_status
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / HZ
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Cluster:
+    """
+    `twistd graceful --workers N`, followed through its status file.
+    """
+
+    def __init__(self, workers, workdir, extra=()):
+        self.workers = workers
+        self.cwd = tempfile.mkdtemp(dir=workdir, prefix=f"workers{workers}-")
+        self.pidfile = os.path.join(self.cwd, "twistd.pid")
+        self.db = os.path.join(self.cwd, "bench.sqlite3")
+        self.args = [sys.executable, TWISTD, "--nodaemon", "--pidfile", self.pidfile,
+                     "graceful", "--port", "tcp:0:interface=127.0.0.1",
+                     "--txn-port", "tcp:0:interface=127.0.0.1",
+                     "--metrics-port", "tcp:0:interface=127.0.0.1", "--db", self.db,
+                     "--slow-every", "0", "--workers", str(workers), *extra]
+        self.proc = None
+
+    async def start(self):
+        self.started = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=REPO), start_new_session=True)
+        self.master = self.proc.pid
+        entry = await self.wait(1)
+        worker = entry["workers"][0]["pid"]
+        listeners = (await self._entry_of(worker, "listeners"))["listeners"]
+        self.ports = {n: int(w.rsplit(":", 1)[1]) for n, w in listeners.items()}
+        return self
+
+    def entries(self):
+        doc = read_status(self.pidfile + ".status.json") or {"processes": {}}
+        return {int(p): e for p, e in doc["processes"].items()}
+
+    async def _entry_of(self, pid, key, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.entries().get(pid)
+            if entry and entry.get(key):
+                return entry
+            await asyncio.sleep(0.02)  # the status file is written by other processes
+        raise RuntimeError(f"pid {pid} never wrote {key}")
+
+    async def wait(self, generation, timeout=120):
+        """
+        The master serves with every worker of C{generation} ready.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.entries().get(self.master) or {}
+            serving = [w for w in entry.get("workers") or []
+                       if w["generation"] == generation and w["state"] == "serving"]
+            if entry.get("state") == "serving" and entry.get("generation") == generation \
+                    and len(serving) == self.workers:
+                return entry
+            await asyncio.sleep(0.02)  # the status file is written by another process
+        raise RuntimeError(f"workers generation {generation} never served")
+
+    def pids(self):
+        entry = self.entries().get(self.master) or {}
+        return [self.master] + [w["pid"] for w in entry.get("workers") or []]
+
+    async def stop(self):
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 90)
+        except asyncio.TimeoutError:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+async def first_answer(port, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            line = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            if line.startswith(b"HTTP/1.1 200"):
+                return time.monotonic()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.005)  # not answering yet
+    raise RuntimeError("no answer")
+
+
+async def wrk(port, seconds, connections, close):
+    """
+    One wrk thread (the load generator needs a core too: see the report).
+    """
+    args = ["-t1", f"-c{connections}", f"-d{seconds}s"]
+    if close:
+        args += ["-H", "Connection: close"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("wrk"), *args, f"http://127.0.0.1:{port}/",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = re.search(rb"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(rb"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       out)
+    return {
+        "rps": float(m.group(1)) if m else None,
+        "wrk_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+    }
+
+
+async def throughput(opts, workdir):
+    if not shutil.which("wrk"):
+        return {"skipped": "wrk is not installed (apt-get install wrk)"}
+    clusters = {n: await Cluster(n, workdir).start() for n in (1, 2)}
+    results = {(n, close): [] for n in (1, 2) for close in (False, True)}
+    try:
+        for _ in range(opts.rounds):
+            for close in (False, True):
+                for n in (1, 2):
+                    cluster = clusters[n]
+                    pids = cluster.pids()
+                    cpu0 = cpu_seconds(pids)
+                    r = await wrk(cluster.ports["http"], opts.seconds, opts.connections, close)
+                    r["server_cpu_s"] = cpu_seconds(pids) - cpu0
+                    results[(n, close)].append(r)
+    finally:
+        for cluster in clusters.values():
+            await cluster.stop()
+    out = {"command": f"wrk -t1 -c{opts.connections} -d{opts.seconds}s [-H 'Connection: close'] "
+                      f"http://127.0.0.1:PORT/ ({opts.rounds} interleaved rounds, medians)"}
+    for close in (False, True):
+        name = "close" if close else "keepalive"
+        med = {n: statistics.median(r["rps"] for r in results[(n, close)]) for n in (1, 2)}
+        out[name] = {
+            "workers1_rps": med[1], "workers2_rps": med[2], "ratio": med[2] / med[1],
+            "ranges": {n: [min(r["rps"] for r in results[(n, close)]),
+                           max(r["rps"] for r in results[(n, close)])] for n in (1, 2)},
+            "server_cpu_s": {n: statistics.median(r["server_cpu_s"] for r in results[(n, close)])
+                             for n in (1, 2)},
+            "wrk_cpu_s": {n: statistics.median(r["wrk_cpu_s"] for r in results[(n, close)])
+                          for n in (1, 2)},
+            "socket_errors": sum(r["socket_errors"] for n in (1, 2)
+                                 for r in results[(n, close)]),
+        }
+    return out
+
+
+async def under_load(opts, workdir):
+    """
+    Upgrades, then kill -9 of random workers, under the mixed load.
+    """
+    cluster = await Cluster(2, workdir, ["--drain-timeout", "10"]).start()
+    rec, stop = Recorder(), asyncio.Event()
+    acked_txn, unacked_txn, acked_post = set(), set(), {}
+    tasks = []
+    for mode in ("keepalive", "fresh", "post"):
+        for i in range(opts.clients):
+            tasks.append(http_client(cluster.ports["http"], rec, stop, mode, f"{mode}{i}",
+                                     acked=acked_post if mode == "post" else None))
+    for i in range(opts.clients):
+        tasks.append(txn_client(cluster.ports["txn"], rec, stop, i, acked_txn, unacked_txn))
+    load = asyncio.gather(*tasks)
+    result = {"upgrades": [], "kills": []}
+    try:
+        await asyncio.sleep(1.0)  # steady load before the first upgrade
+        generation = 1
+        for _ in range(opts.upgrades):
+            before = len(rec.failures)
+            t0 = time.monotonic()
+            os.kill(cluster.master, signal.SIGHUP)
+            entry = await cluster.wait(generation + 1)
+            generation += 1
+            result["upgrades"].append({
+                "signal_to_all_ready_s": entry["last_upgrade"]["duration_seconds"],
+                "waited_s": time.monotonic() - t0, "failures": len(rec.failures) - before})
+            await asyncio.sleep(opts.interval)  # the spacing between upgrades
+        for _ in range(opts.kills):
+            entry = cluster.entries()[cluster.master]
+            victim = random.choice([w["pid"] for w in entry["workers"]
+                                    if w["state"] == "serving"])
+            before = len(rec.failures)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:
+                entry = cluster.entries()[cluster.master]
+                serving = [w["pid"] for w in entry["workers"] if w["state"] == "serving"]
+                if len(serving) == 2 and victim not in serving:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {victim} was not replaced")
+                await asyncio.sleep(0.02)  # the status file is written by another process
+            await asyncio.sleep(opts.interval)  # the spacing between kills
+            result["kills"].append({"victim": victim,
+                                    "failures": len(rec.failures) - before})
+        rss = {pid: rss_kib(pid) for pid in cluster.pids()}
+        result["rss_kib"] = {"master": rss.pop(cluster.master),
+                             "workers": list(rss.values())}
+    finally:
+        stop.set()
+        await asyncio.wait_for(load, 60)
+        await cluster.stop()
+    failures = {}
+    for kind, _, outcome, _ in rec.failures:
+        failures[f"{kind}:{outcome}"] = failures.get(f"{kind}:{outcome}", 0) + 1
+    done = {}
+    for kind, _, _, outcome in rec.requests:
+        if outcome == "ok":
+            done[kind] = done.get(kind, 0) + 1
+    result["txn_check"] = check_commits(cluster.db, acked_txn, unacked_txn, rec)
+    result["post_check"] = check_posts(cluster.db, acked_post, rec)
+    result["done"] = done
+    result["failures"] = failures
+    result["failures_during_upgrades"] = sum(u["failures"] for u in result["upgrades"])
+    result["failures_during_kills"] = sum(k["failures"] for k in result["kills"])
+    result["failure_examples"] = [f"{k}: {o}: {d}" for k, _, o, d in rec.failures[:5]]
+    return result
+
+
+async def start_times(opts, workdir):
+    """
+    A fresh start's time to its first answer, against signal-to-all-ready.
+    """
+    fresh = []
+    for _ in range(3):
+        cluster = Cluster(2, workdir)
+        t0 = time.monotonic()
+        await cluster.start()
+        # start() returns once every worker serves; the first answer came before.
+        fresh.append(time.monotonic() - t0)
+        upgrade = []
+        for generation in (2, 3):
+            os.kill(cluster.master, signal.SIGHUP)
+            entry = await cluster.wait(generation)
+            upgrade.append(entry["last_upgrade"]["duration_seconds"])
+        await cluster.stop()
+    return {"fresh_start_all_ready_s": statistics.median(fresh),
+            "signal_to_all_ready_s": statistics.median(upgrade)}
+
+
+async def main_async(opts):
+    workdir = tempfile.mkdtemp(prefix="bench-workers-")
+    try:
+        report = {"machine": {"cpus": os.cpu_count()}}
+        report["throughput"] = await throughput(opts, workdir)
+        report["under_load"] = await under_load(opts, workdir)
+        report["start"] = await start_times(opts, workdir)
+        return report
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_report(report):
+    t = report["throughput"]
+    print("## throughput, --workers 2 / --workers 1")
+    if "skipped" in t:
+        print(t["skipped"])
+    else:
+        print(t["command"])
+        for name in ("keepalive", "close"):
+            r = t[name]
+            print(f"  {name}: {r['workers1_rps']:.0f} -> {r['workers2_rps']:.0f} req/s, ratio "
+                  f"{r['ratio']:.2f}; server CPU s {r['server_cpu_s']}, wrk CPU s "
+                  f"{r['wrk_cpu_s']}; socket errors {r['socket_errors']}")
+    u = report["under_load"]
+    print("## under load (--workers 2)")
+    print(f"  {len(u['upgrades'])} upgrades: {u['failures_during_upgrades']} failures; "
+          f"{len(u['kills'])} kill -9: {u['failures_during_kills']} failures")
+    print(f"  done {u['done']}; failures {u['failures']}")
+    print(f"  transactions {u['txn_check']}; posts {u['post_check']}")
+    print(f"  rss KiB {u['rss_kib']}")
+    s = report["start"]
+    print(f"## start: fresh start to all ready {s['fresh_start_all_ready_s']:.2f} s; signal to all "
+          f"new workers ready {s['signal_to_all_ready_s']:.2f} s (ratio "
+          f"{s['signal_to_all_ready_s'] / s['fresh_start_all_ready_s']:.2f})")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.workers")
+    p.add_argument("--upgrades", type=int, default=100)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=int, default=8)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--interval", type=float, default=0.5)
+    p.add_argument("--json")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    report = asyncio.run(main_async(opts))
+    print_report(report)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    u = report["under_load"]
+    ok = (u["failures_during_upgrades"] == 0 and u["txn_check"]["lost"] == 0)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
