@@ -193,3 +193,47 @@ class MasterTests(unittest.TestCase):
         self.end(first[1], "was killed by SIGTERM")
         self.assertEqual(self.exits, [M.EXIT_WORKERS_FAILED])
         self.assertIn("the first workers could not start", self.messages())
+
+
+class MasterServiceTests(unittest.TestCase):
+    """
+    What a worker is handed (a recorded spawnProcess, no real process).
+    """
+
+    def test_workers_get_the_sockets_and_a_ready_pipe_but_no_lineage(self):
+        import os
+        import socket
+
+        from tests.test_service import SpawningReactor
+
+        reactor = SpawningReactor()
+        sockets = {}
+        for name in ("http", "txn"):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            self.addCleanup(sock.close)
+            sockets[name] = sock
+        service = M.MasterService(
+            reactor, sockets, workers=2, pidfile=os.path.abspath(self.mktemp()),
+            environ={"PATH": "/bin"}, install_signal_handlers=False, relay_output=False,
+            command=("/usr/bin/python3", ["python3", "twistd", "graceful"]))
+        service.startService()
+        self.assertEqual(len(reactor.spawned), 2)
+        spawned = reactor.spawned[0]
+        self.assertEqual(spawned["childFDs"], {
+            0: 0, 1: "r", 2: "r", 3: sockets["http"].fileno(), 4: "r",
+            5: sockets["txn"].fileno(), 6: 1, 7: 2})
+        env = spawned["env"]
+        self.assertEqual(env["GRACEFUL_ROLE"], "worker")
+        self.assertEqual(env["GRACEFUL_GENERATION"], "1")
+        self.assertEqual(env["GRACEFUL_LISTENERS"], "http=3,txn=5")
+        self.assertNotIn("GRACEFUL_LINEAGE_FD", env)
+        self.assertEqual(env["GRACEFUL_PARENT_PID"], str(os.getpid()))
+        # Ready, then a HUP: a new set of two.
+        for spawned in reactor.spawned:
+            spawned["proto"].childDataReceived(4, b"READY %d\n" % (spawned["transport"].pid,))
+        self.assertEqual(service.state, "serving")
+        self.assertEqual(service.upgrade("SIGHUP"), "started")
+        self.assertEqual([s["env"]["GRACEFUL_GENERATION"] for s in reactor.spawned[2:]],
+                         ["2", "2"])

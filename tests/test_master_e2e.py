@@ -265,3 +265,35 @@ class ReexecTests(MasterTestCase):
         self.assertEqual({w["pid"] for w in entry["workers"]},
                          {w["pid"] for w in first["workers"]})
         self.assert_answered_by(server, ports["http"], entry)
+
+
+class StoreAcrossWorkersTests(MasterTestCase):
+    def test_commits_through_every_worker_are_each_applied_once(self):
+        server, master, ports = self.start()
+        seen, totals = set(), []
+
+        def client(n):
+            import socket
+
+            done = 0
+            deadline = time.monotonic() + 60
+            while done < 25 and time.monotonic() < deadline:
+                with socket.create_connection(("127.0.0.1", ports["txn"]), timeout=30) as sock:
+                    lines = sock.makefile("rb")
+                    greeting = lines.readline().decode()
+                    seen.add(pid_in(greeting))
+                    sock.sendall(b"BEGIN\r\nINCR counter 1\r\nCOMMIT\r\nQUIT\r\n")
+                    replies = [lines.readline() for _ in range(4)]
+                    if replies[2].startswith(b"250 committed"):
+                        done += 1
+            totals.append(done)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        self.assertEqual(totals, [25] * 4)
+        self.assertEqual(http_get(ports["http"], "/kv/counter")[1].strip(), "100")
+        workers = {w["pid"] for w in server.status()[master]["workers"]}
+        self.assertTrue(seen <= workers)

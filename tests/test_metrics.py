@@ -264,6 +264,22 @@ class StatusTests(unittest.TestCase):
         self.assertEqual(doc["drain"]["connections_at_start"], 3)
 
 
+class ServerViewTests(unittest.TestCase):
+    def test_status_shows_every_live_process_of_the_server(self):
+        pidfile = os.path.abspath(self.mktemp())
+        update_status_file(pidfile + ".status.json", os.getpid(),
+                           {"role": "master", "generation": 3, "state": "serving"})
+        update_status_file(pidfile + ".status.json", 2 ** 22 + 5,  # never alive
+                           {"role": "worker", "generation": 2, "state": "serving"})
+        graceful = make_service(pidfile=pidfile)
+        status = ProcessStatus(graceful, clock=lambda: 1000.0)
+        emit(graceful, "serving", source="worker")
+        request = DummyRequest([b""])
+        doc = json.loads(StatusResource(status).render(request))
+        self.assertEqual(doc["server"], {str(os.getpid()): {
+            "role": "master", "generation": 3, "state": "serving"}})
+
+
 class StatusFileTests(unittest.TestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())

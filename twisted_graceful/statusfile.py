@@ -211,9 +211,25 @@ class StatusFile:
             self.log.warn("could not write the status file {path}: {err}", path=path, err=e)
 
 
+def server_view(pidfile, alive=pid_alive):
+    """
+    Every live process of the server, as the status file knows it (a master
+    and its workers, or the generations of a self-replacing server): pid ->
+    role, generation, state.
+    """
+    doc = read_status(status_path(pidfile)) if pidfile else None
+    view = {}
+    for pid, entry in sorted(((doc or {}).get("processes") or {}).items()):
+        if pid.isdigit() and alive(int(pid)):
+            view[pid] = {key: entry.get(key) for key in ("role", "generation", "state")}
+    return view
+
+
 class StatusResource(resource.Resource):
     """
-    C{GET /status}: this process's L{ProcessStatus} as JSON.
+    C{GET /status}: this process's L{ProcessStatus} as JSON, and under
+    C{server} every live process of the server (a worker answers for the
+    master and the other workers too).
     """
 
     isLeaf = True
@@ -225,6 +241,8 @@ class StatusResource(resource.Resource):
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.status.as_dict(), indent=1, sort_keys=True).encode() + b"\n"
+        doc = self.status.as_dict()
+        doc["server"] = server_view(self.status.graceful.pidfile)
+        return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     render_HEAD = render_GET
