@@ -284,6 +284,44 @@ class NotifyTests(unittest.TestCase):
         self.assertEqual(ready_senders[0], first)
 
 
+class MasterTests(unittest.TestCase):
+    def test_master_is_main(self):
+        """
+        With workers, systemd's sockets go to the master, the workers serve
+        them, and systemd hears only the master: READY=1, then RELOADING=1
+        and READY=1 per upgrade, never MAINPID=, STOPPING=1 at the end.
+        """
+        notify = FakeSystemd(self)
+        server, ports = socket_activated(self, GRACEFUL + ["--workers", "2"], notify=notify)
+        status, body, _ = http_get(ports["http"], timeout=30)
+        self.assertEqual(status, 200)
+        sender, message = notify.receive()
+        master = server.read_pidfile()
+        self.assertEqual(sender, master)
+        self.assertRegex(message, rf"\AREADY=1\nSTATUS=master PID {master}: workers generation 1 "
+                                  rf"serve \(PIDs \d+, \d+\)\Z")
+        self.assertNotEqual(pid_in(body), master)  # a worker answered
+        for generation in (2, 3):
+            os.kill(master, signal.SIGHUP)
+            sender, message = notify.receive()
+            self.assertEqual(sender, master)
+            self.assertRegex(message, rf"\ARELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=upgrading the "
+                                      rf"workers to generation {generation};")
+            sender, message = notify.receive()
+            self.assertEqual(sender, master)
+            self.assertRegex(message, rf"\AREADY=1\nSTATUS=master PID {master}: workers "
+                                      rf"generation {generation} serve")
+            status, body, _ = http_get(ports["http"])
+            self.assertIn(f"(generation {generation})", body)
+        os.kill(master, signal.SIGTERM)
+        sender, message = notify.receive()
+        self.assertEqual((sender, message.split("\n")[0]), (master, "STOPPING=1"))
+        server.wait_all_exited()
+        everything = "\n".join(m for _, m in notify.received)
+        self.assertNotIn("MAINPID=", everything)
+        self.assertEqual({pid for pid, _ in notify.received}, {master})
+
+
 LAUNCHER = """
 import fcntl, json, os, sys
 config = json.loads(sys.argv[1])

@@ -171,9 +171,14 @@ class SdNotifier:
         self._follow()
         self.send(f"MAINPID={child_pid}", "READY=1", self._draining_status(self._reported))
 
-    def on_shutting_down(self, was_current=True, **_):
+    def on_shutting_down(self, was_current=True, role=None, workers=(), **_):
         if not was_current:
             return  # an old generation, draining already: systemd follows its successor
+        if role == "master":
+            self.draining_for = "shutdown"
+            self.send("STOPPING=1", _status(f"shutting down: master PID {self.pid} waits for "
+                                            f"{len(workers)} worker(s) to drain"))
+            return
         self.draining_for = "shutdown"
         self._follow()
         self.send("STOPPING=1", self._draining_status(self._reported))
