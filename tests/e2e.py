@@ -1,10 +1,13 @@
 """
 Real processes for end-to-end tests: start C{twistd}, read its output line by
-line, find its ports, signal it, and wait for events (a line, a pidfile, a
-port answering), never for a fixed time.
+line, signal it, and wait for state, never for a fixed time: the status file
+C{<pidfile>.status.json} (each generation's state, listeners, last upgrade,
+drain report), the pidfile, a port answering, a process gone. The output is
+for assertions on what an operator reads, not for synchronisation.
 """
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -15,7 +18,7 @@ import sys
 import threading
 import time
 
-from twisted_graceful.statusfile import read_status
+from twisted_graceful.statusfile import STATUS_SUFFIX, read_status
 from twisted_graceful.pidfile import pid_alive  # noqa: F401 (tests import it from here)
 
 # The twistd script installed with this interpreter (a `twistd` found on PATH
@@ -154,44 +157,156 @@ class ServerProcess:
         with self._cond:
             return "\n".join(self.lines[-last:])
 
+    def assert_output(self, pattern, timeout=10.0):
+        """
+        What an operator reads: a line matching C{pattern} is in the output.
+        Not a way to wait for an event: synchronise on state first (the line
+        was written before the state changed, but our pipe may deliver it a
+        moment later, hence the short C{timeout}); return (index, match).
+        """
+        return self.wait_for(pattern, timeout)
+
+    # --- waiting on state -------------------------------------------------
+    def wait_status(self, find, what, timeout=DEFAULT_TIMEOUT):
+        """
+        Read the status file until C{find(entries)} (pid -> status entry)
+        returns something true; return it. C{what} says what we waited for,
+        if it never comes.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.status()
+            found = find(entries)
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{what}: not in the status file {self.pidfile}{STATUS_SUFFIX} after "
+                    f"{timeout} s; states {describe_states(entries)}; output:\n" + self.output())
+            time.sleep(0.02)  # the status file is written by other processes
+
+    def wait_entry(self, pid, predicate, what, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until the status entry of C{pid} satisfies C{predicate}; return
+        the entry. Fails at once if C{pid} is gone without it.
+        """
+        def find(entries):
+            entry = entries.get(pid)
+            if entry is not None and predicate(entry):
+                return entry
+            if not pid_alive(pid):
+                # Gone: its last write is in the file already.
+                entry = self.status().get(pid)
+                if entry is not None and predicate(entry):
+                    return entry
+                raise AssertionError(
+                    f"pid {pid} is gone and its status entry never showed {what}: {entry}\n"
+                    + self.output())
+            return None
+
+        return self.wait_status(find, f"pid {pid}: {what}", timeout)
+
+    def _newest(self, entries, predicate):
+        matches = [e for e in entries.values() if predicate(e)]
+        if not matches:
+            return None
+        entry = max(matches, key=lambda e: e.get("started_at") or 0)
+        self.pids.add(entry["pid"])
+        return entry
+
     def wait_listening(self, generation=1, timeout=DEFAULT_TIMEOUT):
         """
-        Wait until C{generation} logs its listeners; return (pid, ports) where
-        ports maps listener name -> port number (or unix path).
+        Wait until C{generation} serves on its listeners (its status entry
+        says so); return (pid, ports) where ports maps listener name -> port
+        number (or unix path).
         """
-        _, m = self.wait_for(
-            rf"pid (\d+) generation {generation}: (?:listening on|inherited) (.*)$", timeout)
-        ports = {}
-        for item in m.group(2).split(", "):
-            name, _, where = item.partition("=")
-            if where.startswith("unix:"):
-                ports[name] = where[5:]
-            else:
-                ports[name] = int(where.rsplit(":", 1)[1])
-        return int(m.group(1)), ports
+        entry = self.wait_status(
+            lambda entries: self._newest(entries, lambda e: e.get("generation") == generation
+                                         and e.get("serving_since") and e.get("listeners")),
+            f"generation {generation} serving", timeout)
+        return entry["pid"], listener_ports(entry)
 
     def wait_ready(self, generation=1, timeout=DEFAULT_TIMEOUT):
         """
-        Wait until C{generation} serves; return its pid.
+        Wait until C{generation} serves (it took over, the pidfile names it,
+        and it accepts); return its pid.
         """
-        if generation == 1:
-            _, m = self.wait_for(r"pid (\d+) generation 1: serving", timeout)
-        else:
-            _, m = self.wait_for(rf"pid (\d+) generation {generation}: ready after", timeout)
-        return int(m.group(1))
+        return self.wait_listening(generation, timeout)[0]
 
     def wait_handover(self, old_generation, timeout=DEFAULT_TIMEOUT):
         """
-        Wait until C{old_generation} has stopped accepting and named its
-        successor; return the successor's pid.
+        Wait until C{old_generation} has stopped accepting and handed over
+        (its status entry: last upgrade ok, draining or later); return the
+        successor's pid.
         """
-        _, m = self.wait_for(
-            rf"generation {old_generation}: stopped accepting; pid (\d+) \(generation "
-            rf"{old_generation + 1}\) serves now", timeout)
-        return int(m.group(1))
+        entry = self.wait_status(
+            lambda entries: self._newest(
+                entries, lambda e: e.get("generation") == old_generation
+                and (e.get("last_upgrade") or {}).get("result") == "ok"
+                and e.get("state") in ("draining", "shutting-down", "exited")),
+            f"generation {old_generation} handed over", timeout)
+        child = entry["last_upgrade"]["child_pid"]
+        self.pids.add(child)
+        return child
 
     def wait_exit_line(self, pid, timeout=DEFAULT_TIMEOUT):
-        return self.wait_for(rf"pid {pid} generation \d+: .*exiting", timeout)
+        """
+        Wait until C{pid} has drained and is exiting (state C{exited});
+        return its status entry (whose C{drain} is the drain's report).
+        """
+        return self.wait_entry(pid, lambda e: e.get("state") == "exited", "state exited",
+                               timeout)
+
+    def wait_state(self, pid, *states, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{pid}'s state is one of C{states}; return its entry.
+        """
+        return self.wait_entry(pid, lambda e: e.get("state") in states,
+                               f"state in {states}", timeout)
+
+    def wait_upgrade_outcome(self, pid, changed_from=None, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{pid} records the outcome of an upgrade (other than
+        C{changed_from}, the C{last_upgrade} read before the signal); return
+        it: result (ok, failed, timeout), child_pid, error, output_tail.
+        """
+        return self.wait_entry(
+            pid, lambda e: e.get("last_upgrade") and e["last_upgrade"] != changed_from,
+            "a new upgrade outcome", timeout)["last_upgrade"]
+
+    def wait_child(self, pid, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{pid} is upgrading and has spawned its next generation;
+        return the child's pid.
+        """
+        entry = self.wait_entry(pid, lambda e: e.get("state") == "upgrading" and e.get("child"),
+                                "a child being started", timeout)
+        child = entry["child"]["pid"]
+        self.pids.add(child)
+        return child
+
+    def wait_inflight(self, pid, count=1, protocol="http", timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{pid}, the generation accepting, has C{count} connections
+        inside a transaction (an HTTP request being handled) by its metrics:
+        C{graceful_inflight_transactions} on its C{metrics} listener.
+        """
+        port = listener_ports(self.wait_entry(pid, lambda e: "metrics" in e.get("listeners", {}),
+                                              "a metrics listener"))["metrics"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = json.loads(http_get(port, "/status")[1])
+            if status["pid"] != pid:
+                raise AssertionError(f"the metrics port is answered by pid {status['pid']}, "
+                                     f"not {pid}: wait for requests in flight before upgrading")
+            value = metric_value(http_get(port, "/metrics")[1], "graceful_inflight_transactions",
+                                 protocol=protocol)
+            if value is not None and value >= count:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pid {pid}: {value} {protocol} transaction(s) in flight, "
+                                     f"waited for {count}\n" + self.output())
+            time.sleep(0.02)  # scraping another process's metrics
 
     def wait_all_exited(self, timeout=DEFAULT_TIMEOUT):
         """
@@ -201,8 +316,9 @@ class ServerProcess:
         """
         if self.daemon:
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and any(pid_alive(p) for p in self.pids):
-                time.sleep(0.05)  # no pipe to a daemon: poll its PIDs
+            while time.monotonic() < deadline and (
+                    self.live_processes() or any(pid_alive(p) for p in self.pids)):
+                time.sleep(0.05)  # no pipe to a daemon: poll its processes
         else:
             with self._cond:
                 deadline = time.monotonic() + timeout
@@ -214,9 +330,10 @@ class ServerProcess:
             self.proc.wait(timeout)
         # A process has closed its stdout a moment before it is gone.
         deadline = time.monotonic() + timeout
-        while any(pid_alive(p) for p in self.pids) and time.monotonic() < deadline:
+        while (self.live_processes() or any(pid_alive(p) for p in self.pids)) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
-        alive = [p for p in self.pids if pid_alive(p)]
+        alive = sorted(self.live_processes() | {p for p in self.pids if pid_alive(p)})
         if alive:
             raise AssertionError(f"left behind: {alive}\n" + self.output())
         self._stop_follow = True
@@ -358,7 +475,8 @@ class ServerProcess:
         os.kill(pid, sig)
 
     def kill_all(self):
-        for pid in list(self.pids) + ([self.proc.pid] if self.proc else []):
+        for pid in (self.live_processes() | set(self.pids)
+                    | ({self.proc.pid} if self.proc else set())):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -423,6 +541,38 @@ def http_get(port, path="/", timeout=10.0, host="127.0.0.1", method="GET", body=
         conn.close()
 
 
+def listener_ports(entry):
+    """
+    listener name -> port number (or unix path), from a status entry's
+    listener descriptions (C{tcp:127.0.0.1:8080}, C{tcp6:[::1]:8080},
+    C{unix:/run/app.sock}).
+    """
+    ports = {}
+    for name, where in entry["listeners"].items():
+        if where.startswith("unix:"):
+            ports[name] = where[5:]
+        else:
+            ports[name] = int(where.rsplit(":", 1)[1])
+    return ports
+
+
+def describe_states(entries):
+    return {pid: (e.get("generation"), e.get("state")) for pid, e in sorted(entries.items())}
+
+
+def metric_value(text, name, **labels):
+    """
+    The value of the sample C{name{labels}} in Prometheus text, or None.
+    """
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))).strip(
+                ",") == wanted:
+            return float(m.group(3))
+    return None
+
+
 def pid_in(body):
     m = re.search(r"pid (\d+)", body)
     return int(m.group(1)) if m else None
@@ -448,7 +598,7 @@ graceful = GracefulService(reactor, pidfile={pidfile!r}, ready_timeout={ready_ti
 site = GracefulSite(HelloResource(reactor, ServerIdentity(graceful), slow_every=0),
                     drain_tracker=graceful.tracker)
 graceful.add_listener("http", "tcp:0:interface=127.0.0.1", site)
-{metrics}
+{status}
 graceful.add_readiness_check(lambda: self_test_request(reactor, site))
 {readiness}
 graceful.setServiceParent(application)
@@ -475,11 +625,13 @@ class TacApp:
         @param fault: code that runs first (e.g. a raise: a broken deploy).
         @param readiness: code after the listeners (e.g. a readiness check).
         """
-        extra = ('metrics.install(graceful, "tcp:0:interface=127.0.0.1", http_site=site)'
-                 if self.with_metrics else "")
+        # The status file (what the tests wait on), with metrics or without.
+        status = ('metrics.install(graceful, "tcp:0:interface=127.0.0.1", http_site=site)'
+                  if self.with_metrics else
+                  "from twisted_graceful.statusfile import StatusFile\nStatusFile(graceful)")
         with open(self.tac, "w") as f:
             f.write(TAC.format(fault=fault, readiness=readiness, pidfile=self.pidfile,
-                               ready_timeout=self.ready_timeout, metrics=extra))
+                               ready_timeout=self.ready_timeout, status=status))
 
     def start(self):
         """
