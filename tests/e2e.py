@@ -357,6 +357,17 @@ class ServerProcess:
                                      + self.output())
             time.sleep(0.02)  # a file has no event to wait on
 
+    def wait_path(self, path, timeout=DEFAULT_TIMEOUT):
+        """
+        Wait until C{path} exists (a file the application writes).
+        """
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} did not appear within {timeout} s; output:\n"
+                                     + self.output())
+            time.sleep(0.02)  # a file has no event to wait on
+
     def wait_gone(self, pid, timeout=DEFAULT_TIMEOUT):
         deadline = time.monotonic() + timeout
         while pid_alive(pid):

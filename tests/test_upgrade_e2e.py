@@ -171,7 +171,7 @@ class SlowRequestTests(unittest.TestCase):
 
         thread = threading.Thread(target=slow)
         thread.start()
-        server.wait_for(rf"pid {old}: slow request #1 started")
+        server.wait_inflight(old)
         server.signal(old, signal.SIGHUP)
         new = server.wait_handover(1)
         status, body, _ = http_get(ports["http"])
@@ -184,8 +184,10 @@ class SlowRequestTests(unittest.TestCase):
         self.assertEqual(pid_in(body), old)
         self.assertIn("slow request of 3.0 s", body)
         self.assertEqual(headers.get("Connection", headers.get("connection")), "close")
-        server.wait_for(rf"pid {old}: slow request #1 3/3 s")
-        server.wait_exit_line(old)
+        drain = server.wait_exit_line(old)["drain"]
+        self.assertEqual((drain["busy_at_start"], drain["cut"]), (1, 0))
+        # The heartbeat a person watching the upgrade reads.
+        server.assert_output(rf"pid {old}: slow request #1 3/3 s")
 
     def test_sigterm_waits_for_slow_request(self):
         server = graceful(self)
@@ -195,9 +197,9 @@ class SlowRequestTests(unittest.TestCase):
         thread = threading.Thread(
             target=lambda: result.setdefault("r", http_get(ports["http"], "/slow?seconds=2")))
         thread.start()
-        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.wait_inflight(pid)
         server.signal(pid, signal.SIGTERM)
-        server.wait_for(rf"pid {pid} generation 1: shutting down")
+        server.wait_state(pid, "shutting-down", "exited")
         thread.join(30)
         self.assertEqual(result["r"][0], 200)
         self.assertEqual(pid_in(result["r"][1]), pid)
@@ -205,7 +207,10 @@ class SlowRequestTests(unittest.TestCase):
         # twistd ends a process stopped by a signal with that signal (as
         # systemd expects), after our drain has run.
         self.assertEqual(server.proc.returncode, -signal.SIGTERM)
-        server.wait_for(rf"pid {pid} generation 1: drained 1 connection")
+        entry = server.status()[pid]
+        self.assertEqual(entry["state"], "exited")
+        # The slow request was in flight when the drain began, and finished.
+        self.assertEqual((entry["drain"]["busy_at_start"], entry["drain"]["cut"]), (1, 0))
 
 
 class NothingRefusedTests(unittest.TestCase):
@@ -259,20 +264,32 @@ class NothingRefusedTests(unittest.TestCase):
 
 class SighupStormTests(unittest.TestCase):
     def test_storm_gives_one_generation(self):
+        """
+        Ten SIGHUPs, each sent as soon as the previous one was answered (a
+        signal sent before that could merge with it): the first starts the
+        upgrade, every other is refused, and one generation 2 serves.
+        """
         server = graceful(self)
         pid, ports = server.wait_listening()
         server.wait_ready(1)
+        answers = []
         for _ in range(10):
-            os.kill(pid, signal.SIGHUP)
-            time.sleep(0.01)
+            answer = server.request_upgrade(pid)
+            if answer is None:
+                break  # handed over and exited within the storm
+            answers.append(answer)
+        self.assertEqual(answers[0], "started")
+        self.assertEqual(set(answers[1:]), {"refused"} if answers[1:] else set())
         new = server.wait_handover(1)
-        server.wait_exit_line(pid)
+        entry = server.wait_exit_line(pid)
+        self.assertEqual(entry["upgrade_requests"], len(answers))
+        self.assertEqual(entry["last_upgrade"]["child_pid"], new)
         status, body, _ = http_get(ports["http"])
         self.assertEqual(pid_in(body), new)
-        self.assertEqual(server.count(r"starting generation 2"), 1)
-        self.assertEqual(server.count(r"starting generation 3"), 0)
-        self.assertEqual(server.count(r"spawned generation"), 1)
-        self.assertGreaterEqual(server.count(r"SIGHUP ignored"), 1)
+        self.assertEqual(sorted(e["generation"] for e in server.status().values()), [1, 2])
+        if answers[1:]:
+            # The operator reads why.
+            server.assert_output(rf"pid {pid} generation 1: SIGHUP ignored: ")
         server.signal(new, signal.SIGTERM)
         server.wait_all_exited()
         self.assertEqual(server.pids, {pid, new})
@@ -307,23 +324,37 @@ class FailedUpgradeTests(unittest.TestCase):
         self.server.signal(new, signal.SIGTERM)
         self.server.wait_all_exited()
 
+    def failed_upgrade(self):
+        """
+        SIGHUP, and wait for the outcome of that upgrade; return it.
+        """
+        before = self.server.status()[self.pid]["last_upgrade"]
+        self.server.signal(self.pid, signal.SIGHUP)
+        return self.server.wait_upgrade_outcome(self.pid, changed_from=before)
+
     def test_child_fails_at_startup(self):
         self.deploy(fault='raise RuntimeError("broken deploy: DATABASE_URL is not set")')
-        self.server.signal(self.pid, signal.SIGHUP)
-        _, m = self.server.wait_for(r"Upgrade failed: pid (\d+) exited with status 1 before it was ready")
-        self.server.wait_for(r"broken deploy: DATABASE_URL is not set")
+        outcome = self.failed_upgrade()
+        child = outcome["child_pid"]
+        self.assertEqual(outcome["result"], "failed")
+        self.assertEqual(outcome["error"], f"pid {child} exited with status 1 before it was ready")
+        self.assertTrue(any("DATABASE_URL is not set" in line for line in outcome["output_tail"]),
+                        outcome["output_tail"])
+        # What the operator reads: the failure, and the child's own words.
+        self.server.assert_output(
+            rf"Upgrade failed: pid {child} exited with status 1 before it was ready")
+        self.server.assert_output(r"broken deploy: DATABASE_URL is not set")
         self.assertStillServing()
         self.fixed_upgrade_succeeds()
 
     def test_child_never_ready(self):
         self.deploy(readiness="graceful.add_readiness_check(lambda: defer.Deferred())")
-        self.server.signal(self.pid, signal.SIGHUP)
-        _, m = self.server.wait_for(r"Upgrade failed: pid (\d+) was not ready within 3(\.0)? s; stopped it")
-        child = int(m.group(1))
-        deadline = time.monotonic() + 10
-        while pid_alive(child) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.assertFalse(pid_alive(child))
+        outcome = self.failed_upgrade()
+        child = outcome["child_pid"]
+        self.assertEqual(outcome["result"], "timeout")
+        self.server.assert_output(
+            rf"Upgrade failed: pid {child} was not ready within 3(\.0)? s; stopped it")
+        self.server.wait_gone(child, timeout=10)
         self.assertStillServing()
         self.fixed_upgrade_succeeds()
 
@@ -350,30 +381,29 @@ class OrphanedChildTests(unittest.TestCase):
         app = TacApp(self, ready_timeout=30)
         server, pid, ports = app.start()
         release = os.path.join(app.cwd, "release")
+        checking = os.path.join(app.cwd, "checking")
         app.deploy(readiness=(
             "import os\n"
             "def _released():\n"
+            f"    open({checking!r}, 'w').close()\n"
             f"    if not os.path.exists({release!r}):\n"
             "        raise RuntimeError('waiting for the test')\n"
             "graceful.add_readiness_check(_released)"))
         server.signal(pid, signal.SIGHUP)
-        _, m = server.wait_for(r"spawned generation 2 as pid (\d+)")
-        child = int(m.group(1))
-        server.wait_for(rf"pid {child} generation 2: readiness check failed")
+        child = server.wait_child(pid)
+        server.wait_path(checking)  # the child runs its readiness checks
         os.kill(pid, signal.SIGKILL)
         with open(release, "w"):
             pass
-        server.wait_for(rf"pid {child} generation 2: the previous generation \(pid {pid}\) is "
-                        rf"gone .*serving on our own")
+        entry = server.wait_entry(child, lambda e: e.get("state") == "serving", "serving")
+        self.assertEqual((entry["generation"], entry["source"]), (2, "orphaned"))
         self.assertEqual(server.wait_pidfile(child), child)
+        server.assert_output(rf"pid {child} generation 2: the previous generation \(pid {pid}\) "
+                             rf"is gone .*serving on our own")
         status, body, _ = http_get(ports["http"])
         self.assertEqual((status, pid_in(body)), (200, child))
-        server.pids.add(child)
         server.signal(child, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while pid_alive(child):
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.02)
+        server.wait_gone(child)
         self.assertFalse(os.path.exists(app.pidfile))
 
 
@@ -384,7 +414,7 @@ class SuccessorDiesTests(unittest.TestCase):
         still drains a slow request: the old one serves again, names itself in
         the pidfile, and a later upgrade works.
         """
-        app = TacApp(self)
+        app = TacApp(self, with_metrics=True)  # the metrics show the slow request in flight
         server, pid, ports = app.start()
         app.deploy(readiness=(
             "import os\n"
@@ -393,22 +423,26 @@ class SuccessorDiesTests(unittest.TestCase):
         slow = threading.Thread(target=lambda: result.setdefault(
             "r", http_get(ports["http"], "/slow?seconds=4", timeout=30)))
         slow.start()
-        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.wait_inflight(pid)
         server.signal(pid, signal.SIGHUP)
         child = server.wait_handover(1)
         # The pidfile named the child when it took over; it names us again
         # once the child died and we took the listeners back.
-        self.assertEqual(server.wait_pidfile(pid), pid)
+        entry = server.wait_entry(pid, lambda e: e.get("took_back_from"), "a take-back")
+        self.assertEqual(entry["took_back_from"]["pid"], child)
+        self.assertEqual(entry["state"], "serving")
+        self.assertEqual(server.read_pidfile(), pid)
         server.wait_gone(child)
         status, body, _ = http_get(ports["http"])
         self.assertEqual((status, pid_in(body)), (200, pid))
         slow.join(30)
         self.assertEqual((result["r"][0], pid_in(result["r"][1])), (200, pid))
         app.deploy()
-        mark = len(server.lines)
+        # Right after a take-back the upgrade may be scheduled (backoff): it
+        # runs once the backoff is over.
         server.signal(pid, signal.SIGHUP)
-        _, m = server.wait_for(r"generation 2 \(pid (\d+)\) is ready after", start=mark)
-        new = int(m.group(1))
+        new, _, entries = server.wait_settled(changed_from=pid)
+        self.assertEqual(entries[new]["generation"], 2)
         self.assertEqual(server.wait_pidfile(new), new)
         self.assertEqual(pid_in(http_get(ports["http"])[1]), new)
         server.signal(new, signal.SIGTERM)
