@@ -105,7 +105,7 @@ class PluginMetricsTests(unittest.TestCase):
         thread = threading.Thread(target=lambda: result.setdefault(
             "r", http_get(ports["http"], "/slow?seconds=2", timeout=30)))
         thread.start()
-        server.wait_for(rf"pid {pid}: slow request #1 started")
+        server.wait_inflight(pid)
         self.assertEqual(metric(m, "graceful_inflight_transactions", protocol="http"), 1)
         self.assertEqual(metric(m, "graceful_open_connections", protocol="http"), 2)
         thread.join(30)
@@ -191,36 +191,38 @@ class PluginMetricsTests(unittest.TestCase):
         server = ServerProcess(
             self, ["graceful", "--port", LOOPBACK, "--slow-every", "0", "--log-format", "json",
                    "--db", os.path.abspath(self.mktemp()) + ".sqlite3"]).start()
-
-        def wait_event(text):
-            # Every line is one JSON event: wait for the one that reads `text`.
-            index = 0
-            while True:
-                index, _ = server.wait_for(r"^\{", start=index)
-                event = json.loads(server.lines[index])
-                if text in formatEvent(event):
-                    return event
-                index += 1
-
-        listening = wait_event("generation 1: listening on http=")
-        pid = listening["pid"]
-        self.assertEqual(listening["gen"], 1)
-        ports = dict(item.split("=") for item in listening["listeners"].split(", "))
-        http_port = int(ports["http"].rsplit(":", 1)[1])
-        wait_event(f"pid {pid} generation 1: serving")
+        pid, ports = server.wait_listening()
+        http_port = ports["http"]
         self.assertEqual(http_get(http_port)[0], 200)
         server.signal(pid, signal.SIGHUP)
-        new = wait_event("generation 1: stopped accepting")["child"]
-        wait_event(f"pid {new} generation 2: inherited http=")
-        wait_event(f"pid {new} generation 2: ready after")
-        wait_event(f"pid {pid} generation 1: drained")
+        new = server.wait_handover(1)
+        self.assertEqual(server.wait_ready(2), new)
+        server.wait_exit_line(pid)
         self.assertEqual(pid_in(http_get(http_port)[1]), new)
         server.signal(new, signal.SIGTERM)
-        wait_event(f"pid {new} generation 2: shutting down")
+        server.wait_all_exited()
+        # Every process is gone: we have read every line it wrote.
         with server._cond:
             lines = [line for line in server.lines if line.strip()]
-        for line in lines:
-            json.loads(line)  # nothing but JSON, from every generation
+        events = [json.loads(line) for line in lines]  # nothing but JSON, from every generation
+
+        def event(text):
+            for e in events:
+                if text in formatEvent(e):
+                    return e
+            self.fail(f"no event reads {text!r}; events:\n"
+                      + "\n".join(formatEvent(e) for e in events[-40:]))
+
+        listening = event("generation 1: listening on http=")
+        self.assertEqual((listening["pid"], listening["gen"]), (pid, 1))
+        listed = dict(item.split("=") for item in listening["listeners"].split(", "))
+        self.assertEqual(int(listed["http"].rsplit(":", 1)[1]), http_port)
+        event(f"pid {pid} generation 1: serving")
+        self.assertEqual(event("generation 1: stopped accepting")["child"], new)
+        event(f"pid {new} generation 2: inherited http=")
+        event(f"pid {new} generation 2: ready after")
+        event(f"pid {pid} generation 1: drained")
+        event(f"pid {new} generation 2: shutting down")
 
     def test_bad_log_format(self):
         result = subprocess.run(
@@ -298,7 +300,9 @@ class TacMetricsTests(unittest.TestCase):
         self.assertEqual(metric(self.m, "graceful_state", state="upgrading"), 1)
         out = run_command("status", "--pidfile", self.app.pidfile)
         self.assertIn(f"upgrading to pid {child}", out.stdout)
-        self.server.wait_for(rf"Upgrade failed: pid {child} was not ready within 3(\.0)? s")
+        last = self.server.wait_upgrade_outcome(self.pid)
+        self.assertEqual((last["result"], last["child_pid"]), ("timeout", child))
+        self.server.assert_output(rf"Upgrade failed: pid {child} was not ready within 3(\.0)? s")
         self.assertStillServing()
         self.assertEqual(metric(self.m, "graceful_reloads_total", result="timeout"), 1)
         last = get_status(self.m)["last_upgrade"]
