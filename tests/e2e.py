@@ -552,6 +552,42 @@ def http_get(port, path="/", timeout=10.0, host="127.0.0.1", method="GET", body=
         conn.close()
 
 
+def wait_tcp_listening(port, pid, output=lambda: "", timeout=DEFAULT_TIMEOUT):
+    """
+    Wait until C{pid} holds a TCP socket listening on C{port} (read in
+    C{/proc/<pid>/net/tcp} and C{tcp6}; connecting to find out could be what
+    the test is about, as with socket activation).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        listening = set()  # inodes of the sockets listening on the port
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{pid}/net/{table}") as f:
+                    rows = f.read().splitlines()[1:]
+            except OSError:
+                rows = []
+            for row in rows:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    listening.add(f"socket:[{fields[9]}]")
+        if listening:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                fds = []
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in listening:
+                        return
+                except OSError:
+                    continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing listens on port {port} after {timeout} s; output:\n"
+                                 + output())
+        time.sleep(0.02)  # a socket table has no event to wait on
+
+
 def listener_ports(entry):
     """
     listener name -> port number (or unix path), from a status entry's

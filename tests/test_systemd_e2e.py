@@ -20,7 +20,10 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, http_get, pid_in
+from tests.e2e import (
+    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, http_get, pid_in,
+    wait_tcp_listening,
+)
 from tests.test_notify import NotifySocket
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -81,8 +84,9 @@ def socket_activated(testcase, args, notify=None, python_args=None):
     command = [SOCKET_ACTIVATE, f"--fdname={':'.join(LISTENERS)}"]
     for name in LISTENERS:
         command += ["-l", f"127.0.0.1:{ports[name]}"]
-    # systemd-socket-activate passes only the variables given with -E.
-    for variable in ("PYTHONPATH", "PYTHONUNBUFFERED", "PATH", "HOME"):
+    # systemd-socket-activate passes only the variables given with -E (the
+    # marker lets the test find every process of the server).
+    for variable in ("PYTHONPATH", "PYTHONUNBUFFERED", "PATH", "HOME", MARKER_ENV):
         command += ["-E", f"{variable}={server.env.get(variable, '')}"]
     if notify is not None:
         command += ["-E", f"NOTIFY_SOCKET={notify.path}"]
@@ -90,7 +94,8 @@ def socket_activated(testcase, args, notify=None, python_args=None):
         server.command = [sys.executable] + python_args + server.command[1:]
     server.command = command + server.command
     server.start()
-    server.wait_for(rf"Listening on 127\.0\.0\.1:\d+ as {2 + len(LISTENERS)}")
+    for port in ports.values():
+        wait_tcp_listening(port, server.proc.pid, server.output)
     return server, ports
 
 
@@ -253,7 +258,7 @@ class NotifyTests(unittest.TestCase):
             message,
             f"READY=1\nSTATUS=upgrade failed: pid {child} exited with status 1 before it was "
             f"ready; still serving as PID {current} (generation {generation})")
-        server.wait_for(r"--db .*the directory does not exist")
+        server.assert_output(r"--db .*the directory does not exist")
         self.assertEqual(server.read_pidfile(), current)
         status, body, _ = http_get(ports["http"])
         self.assertEqual((status, pid_in(body)), (200, current))
