@@ -128,7 +128,9 @@ class ServerProcess:
     def wait_for(self, pattern, timeout=DEFAULT_TIMEOUT, start=0):
         """
         Wait for a line matching C{pattern} (a regex) at index >= C{start};
-        return (index, match).
+        return (index, match). Tests synchronise on state (the status file,
+        the pidfile, a port, a process gone), not on the wording of a line:
+        see L{assert_output}.
         """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -447,10 +449,13 @@ class ServerProcess:
             return None
         deadline = time.monotonic() + timeout
         while True:
+            alive = pid_alive(pid)
+            # Read after checking it is alive: a process that answered, then
+            # exited, wrote its answer first.
             entry = self.status().get(pid, {})
             if entry.get("upgrade_requests", 0) > before:
                 return entry["last_request"]["answer"]
-            if not pid_alive(pid):
+            if not alive:
                 return None
             if time.monotonic() > deadline:
                 raise AssertionError(f"pid {pid} did not answer SIGHUP\n" + self.output())
