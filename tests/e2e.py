@@ -491,8 +491,9 @@ class ServerProcess:
         os.kill(pid, sig)
 
     def kill_all(self):
-        for pid in (self.live_processes() | set(self.pids)
-                    | ({self.proc.pid} if self.proc else set())):
+        # Only processes that carry our marker (a pid we saw may have exited
+        # and been reused), and our own child.
+        for pid in self.live_processes() | ({self.proc.pid} if self.proc else set()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
