@@ -428,9 +428,12 @@ class SuccessorDiesTests(unittest.TestCase):
         child = server.wait_handover(1)
         # The pidfile named the child when it took over; it names us again
         # once the child died and we took the listeners back.
-        entry = server.wait_entry(pid, lambda e: e.get("took_back_from"), "a take-back")
+        # (The entry names the successor that died a moment before it says
+        # serving again: wait for both.)
+        entry = server.wait_entry(
+            pid, lambda e: e.get("took_back_from") and e.get("state") == "serving",
+            "serving again after a take-back")
         self.assertEqual(entry["took_back_from"]["pid"], child)
-        self.assertEqual(entry["state"], "serving")
         self.assertEqual(server.read_pidfile(), pid)
         server.wait_gone(child)
         status, body, _ = http_get(ports["http"])
