@@ -98,7 +98,9 @@ class KeepAliveDrainTests(unittest.TestCase):
         sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.addCleanup(sock.close)
         f = sock.makefile("rb")
-        sock.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        # Slow enough to be in flight until the next generation took over,
+        # on a loaded machine too.
+        sock.sendall(b"GET /slow?seconds=5 HTTP/1.1\r\nHost: x\r\n\r\n"
                      b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
                      b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         server.wait_inflight(pid)
@@ -132,7 +134,7 @@ class KeepAliveDrainTests(unittest.TestCase):
         result = {}
 
         def post():
-            result["r"] = http_get(port, "/slow?seconds=1", method="POST", body=b"x=1")
+            result["r"] = http_get(port, "/slow?seconds=3", method="POST", body=b"x=1")
 
         t = threading.Thread(target=post)
         t.start()

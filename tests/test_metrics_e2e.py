@@ -103,7 +103,7 @@ class PluginMetricsTests(unittest.TestCase):
         # A slow request is a transaction in flight.
         result = {}
         thread = threading.Thread(target=lambda: result.setdefault(
-            "r", http_get(ports["http"], "/slow?seconds=2", timeout=30)))
+            "r", http_get(ports["http"], "/slow?seconds=4", timeout=30)))
         thread.start()
         server.wait_inflight(pid)
         self.assertEqual(metric(m, "graceful_inflight_transactions", protocol="http"), 1)
@@ -241,8 +241,13 @@ class TacMetricsTests(unittest.TestCase):
     def deploy(self, fault="", readiness=""):
         self.app.deploy(fault, readiness)
 
+    # Long enough that, after a reload command gave up at 1 s, the upgrade
+    # still runs while we look at it (two scrapes and another command, on a
+    # loaded machine).
+    READY_TIMEOUT = 10
+
     def setUp(self):
-        self.app = TacApp(self, with_metrics=True)
+        self.app = TacApp(self, with_metrics=True, ready_timeout=self.READY_TIMEOUT)
         self.server, self.pid, self.ports = self.app.start()
         self.m = self.ports["metrics"]
 
@@ -286,7 +291,7 @@ class TacMetricsTests(unittest.TestCase):
 
     def test_never_ready_upgrade(self):
         self.deploy(readiness="graceful.add_readiness_check(lambda: defer.Deferred())")
-        # Shorter than the ready timeout (3 s): the command gives up first.
+        # Shorter than the ready timeout: the command gives up first.
         done = reload(self.server, timeout=1)
         self.assertEqual(done.returncode, 4, done.stdout + done.stderr)
         self.assertIn("reload timed out after 1 s", done.stdout)
@@ -302,7 +307,8 @@ class TacMetricsTests(unittest.TestCase):
         self.assertIn(f"upgrading to pid {child}", out.stdout)
         last = self.server.wait_upgrade_outcome(self.pid)
         self.assertEqual((last["result"], last["child_pid"]), ("timeout", child))
-        self.server.assert_output(rf"Upgrade failed: pid {child} was not ready within 3(\.0)? s")
+        self.server.assert_output(
+            rf"Upgrade failed: pid {child} was not ready within {self.READY_TIMEOUT}(\.0)? s")
         self.assertStillServing()
         self.assertEqual(metric(self.m, "graceful_reloads_total", result="timeout"), 1)
         last = get_status(self.m)["last_upgrade"]
@@ -311,6 +317,6 @@ class TacMetricsTests(unittest.TestCase):
         done = reload(self.server, timeout=30)
         self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
         self.assertIn("reload failed (timeout)", done.stdout)
-        self.assertIn("was not ready within 3", done.stdout)
+        self.assertIn(f"was not ready within {self.READY_TIMEOUT}", done.stdout)
         self.assertEqual(metric(self.m, "graceful_reloads_total", result="timeout"), 2)
         self.good_reload()

@@ -419,24 +419,37 @@ class SuccessorDiesTests(unittest.TestCase):
         """
         app = TacApp(self, with_metrics=True)  # the metrics show the slow request in flight
         server, pid, ports = app.start()
+        # The new code dies by itself once it took over, when the test says
+        # so (not after a delay: the test sees each step in the status file).
+        die = os.path.join(app.cwd, "die")
         app.deploy(readiness=(
             "import os\n"
-            "graceful.when_ready().addCallback(lambda _: reactor.callLater(0.3, os._exit, 7))"))
+            "from twisted.internet import task\n"
+            "def _die_when_told():\n"
+            f"    if os.path.exists({die!r}):\n"
+            "        os._exit(7)\n"
+            "graceful.when_ready().addCallback(\n"
+            "    lambda _: task.LoopingCall(_die_when_told).start(0.05))"))
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault(
-            "r", http_get(ports["http"], "/slow?seconds=4", timeout=30)))
+            "r", http_get(ports["http"], "/slow?seconds=6", timeout=30)))
         slow.start()
         server.wait_inflight(pid)
         server.signal(pid, signal.SIGHUP)
         child = server.wait_handover(1)
+        self.assertEqual(server.read_pidfile(), child)
+        self.assertEqual(pid_in(http_get(ports["http"])[1]), child)
+        with open(die, "w"):
+            pass
         # The pidfile named the child when it took over; it names us again
-        # once the child died and we took the listeners back.
-        # (The entry names the successor that died a moment before it says
-        # serving again: wait for both.)
+        # once the child died and we took the listeners back. (The entry
+        # names the successor that died a moment before it says serving
+        # again: wait for both.)
         entry = server.wait_entry(
             pid, lambda e: e.get("took_back_from") and e.get("state") == "serving",
             "serving again after a take-back")
         self.assertEqual(entry["took_back_from"]["pid"], child)
+        self.assertIn("exited with status 7", entry["took_back_from"]["how"])
         self.assertEqual(server.read_pidfile(), pid)
         server.wait_gone(child)
         status, body, _ = http_get(ports["http"])
