@@ -73,7 +73,7 @@ class UpgradesWhileDrainingTests(LineageTestCase):
         slow = threading.Thread(target=lambda: result.setdefault(
             "r", http_get(ports["http"], "/slow?seconds=6", timeout=60)))
         slow.start()
-        server.wait_for(rf"pid {first}: slow request #1 started")
+        server.wait_inflight(first)
         second = self.upgrade(server, first)
         third = self.upgrade(server, second)
         server.wait_gone(second)
@@ -121,7 +121,7 @@ class UpgradesWhileDrainingTests(LineageTestCase):
                                                         timeout=60))
         slow.start()
         self.addCleanup(slow.join, 60)
-        server.wait_for(rf"pid {first}: slow request #1 started")
+        server.wait_inflight(first)
         current = first
         for _ in range(3):
             current = self.upgrade(server, current)
