@@ -94,10 +94,16 @@ class MasterTests(unittest.TestCase):
         self.assertIn("already in progress", self.master.refusal("upgrade"))
         self.clock.advance(0.5)
         self.ready(new[1])
-        self.assertEqual(self.master.state, SERVING)
         self.assertEqual(self.master.generation, 2)
         for worker in old:
             self.assertEqual(worker.signals, [("terminate", 30 + 2 + 5.0)])
+        # Done only once every old worker says it stopped accepting.
+        self.assertEqual(self.master.state, UPGRADING)
+        self.assertIsNone(self.master.last_outcome)
+        self.master.child_stopped(old[0])
+        self.assertEqual(self.master.state, UPGRADING)
+        self.master.child_stopped(old[1])
+        self.assertEqual(self.master.state, SERVING)
         self.assertEqual(self.master.last_outcome.result, "ok")
         self.assertEqual(self.master.last_outcome.duration, 0.5)
         states = {w["pid"]: w["state"] for w in self.master.describe_workers()}
@@ -107,6 +113,23 @@ class MasterTests(unittest.TestCase):
         self.end(old[1])
         self.assertEqual(len(self.master.describe_workers()), 2)
         self.assertEqual(len(self.spawned), 4)  # retired workers are not replaced
+
+    def test_an_old_worker_that_never_says_stopped_delays_the_upgrade_at_most_5_s(self):
+        old = self.serve()
+        new = self.upgrade()
+        self.ready(*new)
+        self.master.child_stopped(old[0])
+        self.clock.advance(4.9)
+        self.assertEqual(self.master.state, UPGRADING)
+        self.clock.advance(0.1)
+        self.assertEqual(self.master.state, SERVING)
+        self.assertIn(f"worker(s) pid {old[1].pid} did not confirm", self.messages())
+        # An old worker that exits has stopped accepting too.
+        newer = self.upgrade()
+        self.ready(*newer)
+        for worker in new:
+            self.end(worker)
+        self.assertEqual(self.master.state, SERVING)
 
     def test_one_failing_worker_stops_the_whole_new_set(self):
         old = self.serve()
@@ -167,6 +190,9 @@ class MasterTests(unittest.TestCase):
         self.assertEqual(self.master.restarts, 5)
 
     def test_stop_drains_every_worker_then_exits(self):
+        """
+        (With a new set still starting: it is killed, not drained.)
+        """
         old = self.serve()
         new = self.upgrade()
         d = self.master.stop()

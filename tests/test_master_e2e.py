@@ -17,6 +17,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import REPO, ServerProcess, http_get, pid_in
+from twisted_graceful.master import STOPPED_TIMEOUT
 
 DRAIN_TIMEOUT = 10
 ABORT_GRACE = 2
@@ -114,6 +115,8 @@ class UpgradeTests(MasterTestCase):
             self.assertIsNone(server.proc.poll(), "the foreground twistd left")
             self.assertEqual(server.read_pidfile(), master)
             self.assertEqual(entry["last_upgrade"]["result"], "ok")
+            # Done once the old workers said STOPPED, not at the timeout.
+            self.assertLess(entry["last_upgrade"]["duration_seconds"], STOPPED_TIMEOUT)
             self.assert_answered_by(server, ports["http"], entry)
             slow.join(0)
         slow.join(60)

@@ -7,7 +7,7 @@ parent's stdout/stderr once it does.
 import os
 import sys
 
-from twisted_graceful.handoff import close_quietly, format_ready_message
+from twisted_graceful.handoff import close_quietly, format_ready_message, format_stopped_message
 
 
 class ReadyPipe:
@@ -18,10 +18,32 @@ class ReadyPipe:
     def __init__(self, fd):
         self.fd = fd
 
-    def signal_ready(self, pid=None):
+    def signal_ready(self, pid=None, keep_open=False):
+        """
+        C{READY <pid>}; a worker keeps the pipe open to say L{signal_stopped}
+        later.
+        """
         pid = os.getpid() if pid is None else pid
         try:
             os.write(self.fd, format_ready_message(pid))
+        except BaseException:
+            self.close()
+            raise
+        if not keep_open:
+            self.close()
+
+    def signal_stopped(self, pid=None):
+        """
+        C{STOPPED <pid>}: this worker no longer accepts (it drains). A master
+        that is gone is not an error.
+        """
+        if self.fd is None:
+            return
+        pid = os.getpid() if pid is None else pid
+        try:
+            os.write(self.fd, format_stopped_message(pid))
+        except OSError:
+            pass
         finally:
             self.close()
 

@@ -8,7 +8,9 @@ C{childFDs} of the next generation:
     1, 2          pipes we read (its output, relayed and kept for a failure
                   report) until it is ready
     3             the first listener
-    4             the write end of the ready pipe: C{READY <pid>\n}
+    4             the write end of the ready pipe: C{READY <pid>\n} (a worker
+                keeps it open and writes C{STOPPED <pid>\n} once it no longer
+                accepts)
     5, 6, ...     further listeners, in the order they were added
     then          the lineage record, our own stdout, our own stderr
 
@@ -57,6 +59,7 @@ READY_FD = 4
 NEXT_LISTENER_FD = 5
 
 READY_MESSAGE = b"READY %d\n"
+STOPPED_MESSAGE = b"STOPPED %d\n"  # a worker, told to drain, no longer accepts
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
@@ -212,6 +215,22 @@ def forget_master_handoff(environ):
 
 def format_ready_message(pid):
     return READY_MESSAGE % (pid,)
+
+
+def format_stopped_message(pid):
+    return STOPPED_MESSAGE % (pid,)
+
+
+def parse_stopped_message(line):
+    """
+    The PID in a C{STOPPED <pid>} line, or L{None} if C{line} is not one.
+    """
+    if not line.startswith(b"STOPPED "):
+        return None
+    try:
+        return int(line[8:].strip())
+    except ValueError:
+        return None
 
 
 def parse_ready_message(data):

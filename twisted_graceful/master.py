@@ -70,6 +70,9 @@ REFUSALS = {
 
 # A worker that served this long before it died was not crash-looping.
 STABLE_SECONDS = 10.0
+# How long an upgrade waits for the old workers to say they stopped accepting
+# (STOPPED on their ready pipe) before it is declared done anyway.
+STOPPED_TIMEOUT = 5.0
 EXIT_WORKERS_FAILED = 1
 
 
@@ -108,6 +111,7 @@ class AdoptedWorker:
         self.kill_grace = kill_grace
         self.ready = True
         self.finished = False
+        self.says_stopped = False  # its ready pipe went with our previous image
         self.started_at = reactor.seconds() - STABLE_SECONDS  # it served before us
         self.ended = defer.Deferred()
         self._kill_timer = None
@@ -180,6 +184,8 @@ class Master(StateMachine):
         self.replacing = []  # replacements for dead workers of the current set, not ready yet
         self.crashes = 0  # workers of the current set that died in a row, quickly
         self.restarts = 0
+        self._stopping = set()  # retired workers that have not said STOPPED yet
+        self._stopped_call = None
         self.execs = 0  # times the master re-executed itself (SIGUSR2)
         self._replace_call = None
         self._stopped = None
@@ -315,9 +321,9 @@ class Master(StateMachine):
         self.generation = worker_set.generation
         self.crashes = 0
         first = self.state == STARTING
-        self._move("set-ready")
         pids = ", ".join(str(p) for p in worker_set.pids())
         if first:
+            self._move("set-ready")
             self.log.info("{who}: workers generation {g} serve (pids {pids})", who=self._who(),
                           g=worker_set.generation, pids=pids)
             self._tell("serving", source="master", parent_pid=None, listeners={})
@@ -327,8 +333,39 @@ class Master(StateMachine):
             "workers of generation {old} stop accepting and drain", who=self._who(),
             g=worker_set.generation, ms=self._elapsed() * 1000, pids=pids,
             old=old.generation)
-        self._retire(old.workers + self._abandon_replacements())
-        output = [line for w in worker_set.workers for line in w.output_tail()][-15:]
+        retired = old.workers + self._abandon_replacements()
+        self._retire(retired)
+        # The upgrade is done (and said so: status, reload, systemd) once
+        # every old worker has stopped accepting, not when it was told to.
+        self._stopping = {w for w in retired
+                          if not w.finished and getattr(w, "says_stopped", True)}
+        self._stopped_call = self.reactor.callLater(STOPPED_TIMEOUT, self._upgrade_done)
+        self._check_upgrade_done()
+
+    def child_stopped(self, worker):
+        """
+        A retired worker says it no longer accepts.
+        """
+        self._stopping.discard(worker)
+        self._check_upgrade_done()
+
+    def _check_upgrade_done(self):
+        if self.state == UPGRADING and self.next is None and not self._stopping:
+            self._upgrade_done()
+
+    def _upgrade_done(self):
+        if self.state != UPGRADING or self.next is not None:
+            return
+        if self._stopped_call is not None and self._stopped_call.active():
+            self._stopped_call.cancel()
+        self._stopped_call = None
+        if self._stopping:
+            self.log.warn("{who}: worker(s) pid {pids} did not confirm within {t} s that they "
+                          "stopped accepting; the upgrade is done anyway", who=self._who(),
+                          t=STOPPED_TIMEOUT, pids=", ".join(str(w.pid) for w in self._stopping))
+        self._stopping = set()
+        self._move("set-ready")
+        output = [line for w in self.current.workers for line in w.output_tail()][-15:]
         self._record_success(None, output)
 
     def _abandon_replacements(self):
@@ -387,7 +424,9 @@ class Master(StateMachine):
     def child_ended(self, worker, how):
         if worker in self.retiring:
             self.retiring.remove(worker)
+            self._stopping.discard(worker)
             self._tell("worker-exited", worker_pid=worker.pid, how=how, expected=True)
+            self._check_upgrade_done()
         elif self.next is not None and worker in self.next:
             self._set_failed(self.next, f"worker pid {worker.pid} {how} before the set was "
                                         f"ready", worker.output_tail())
@@ -446,6 +485,9 @@ class Master(StateMachine):
             return self._when_stopped()
         self._cancel_scheduled("shutting down")
         self._cancel_timeout()
+        if self._stopped_call is not None and self._stopped_call.active():
+            self._stopped_call.cancel()
+        self._stopping = set()
         self._move("stop")
         self.log.info("{who}: shutting down: every worker drains and exits", who=self._who())
         self._stop_workers()

@@ -62,7 +62,10 @@ class NextGenerationProcess(protocol.ProcessProtocol):
                     self.tail.append(line.decode("utf-8", "replace")[:500])
 
     def _ready_data(self, data):
-        if self.ready or self._failure_reported:
+        if self._failure_reported:
+            return
+        if self.ready:
+            self._after_ready(data)
             return
         self._ready_buffer += data
         try:
@@ -76,7 +79,24 @@ class NextGenerationProcess(protocol.ProcessProtocol):
             self.fail(f"reported ready for pid {pid}, which is not its own")
             return
         self.ready = True
+        rest = self._ready_buffer.split(b"\n", 1)[1]
+        self._ready_buffer = b""
         self.lifecycle.child_ready(self)
+        if rest:
+            self._after_ready(rest)
+
+    def _after_ready(self, data):
+        """
+        A worker keeps its ready pipe: C{STOPPED <pid>} once it no longer
+        accepts.
+        """
+        self._ready_buffer = (self._ready_buffer + data)[-256:]
+        while b"\n" in self._ready_buffer:
+            line, self._ready_buffer = self._ready_buffer.split(b"\n", 1)
+            if handoff.parse_stopped_message(line) == self.pid:
+                stopped = getattr(self.lifecycle, "child_stopped", None)
+                if stopped is not None:
+                    stopped(self)
 
     def childConnectionLost(self, fd):
         if fd in (1, 2) and self._partial[fd].strip():

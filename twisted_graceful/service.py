@@ -150,6 +150,7 @@ class GracefulService(service.MultiService):
             abort_grace=abort_grace, drain_mode=drain_mode, backoff_base=backoff_base,
             backoff_max=backoff_max, exit=stop_reactor(reactor))
         self._previous_sighup = None
+        self._ready_pipe = None
 
     # --- configuration ----------------------------------------------------
     @property
@@ -319,7 +320,10 @@ class GracefulService(service.MultiService):
                 ms=(self.reactor.seconds() - self.started_at) * 1000, parent=inh.parent_pid,
             )
             try:
-                ReadyPipe(inh.ready_fd).signal_ready()
+                pipe = ReadyPipe(inh.ready_fd)
+                pipe.signal_ready(keep_open=self.is_worker)
+                if self.is_worker:
+                    self._ready_pipe = pipe  # for STOPPED, when told to drain
             except OSError as e:
                 source = "orphaned"
                 self.log.critical(
@@ -407,6 +411,11 @@ class GracefulService(service.MultiService):
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._signal_while_draining)
         d = self.lifecycle.stop()
+        if self._ready_pipe is not None:
+            # Our listening ports are closed: the master may tell the world
+            # that the new workers alone accept.
+            self._ready_pipe.signal_stopped()
+            self._ready_pipe = None
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(self._release_pidfile)
         return d
