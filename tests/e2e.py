@@ -57,6 +57,9 @@ class ServerProcess:
         self.command = command
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # What a server leaves in its temporary directory (a master killed by
+        # the cleanup cannot remove its metrics directory) goes with the test's.
+        self.env["TMPDIR"] = self.cwd
         # The processes run this working tree's code (the installed plugin
         # file only names the module).
         self.env["PYTHONPATH"] = os.pathsep.join(

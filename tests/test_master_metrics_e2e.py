@@ -17,6 +17,15 @@ from tests.test_metrics_e2e import metric, wait_metric
 REQUESTS = "graceful_requests_total"
 
 
+def serving(entry, generation):
+    """
+    The workers of C{generation} that serve, in the master's status entry
+    (which may still list a worker that has just exited as draining).
+    """
+    return {w["pid"] for w in entry["workers"]
+            if w["generation"] == generation and w["state"] == "serving"}
+
+
 def environ_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as f:
         items = f.read().split(b"\0")
@@ -75,8 +84,8 @@ class OneViewTests(MasterTestCase):
         server, master, ports = self.start()
         m = ports["metrics"]
         first = self.wait_master(server, master, 1)
-        old = {w["pid"] for w in first["workers"]}
-        directory = environ_of(first["workers"][0]["pid"])["PROMETHEUS_MULTIPROC_DIR"]
+        old = serving(first, 1)
+        directory = environ_of(min(old))["PROMETHEUS_MULTIPROC_DIR"]
         client = Client(self, ports)
         self.assertEqual(client.total(), 0)  # the workers' self-tests are not requests
         client.until_answered_by(old)
@@ -106,7 +115,7 @@ class OneViewTests(MasterTestCase):
         for conn in held:
             conn.close()
         second = self.wait_master(server, master, 2)
-        new = {w["pid"] for w in second["workers"]}
+        new = serving(second, 2)
         self.assertFalse(new & old)
         self.assertEqual(server.live_processes() - {master}, new)  # the old ones are gone
         client.assert_counted()
@@ -128,8 +137,7 @@ class OneViewTests(MasterTestCase):
 
     def test_a_killed_worker_loses_no_count(self):
         server, master, ports = self.start()
-        first = self.wait_master(server, master, 1)
-        old = {w["pid"] for w in first["workers"]}
+        old = serving(self.wait_master(server, master, 1), 1)
         client = Client(self, ports)
         client.until_answered_by(old)
         client.assert_counted()
@@ -144,8 +152,8 @@ class OneViewTests(MasterTestCase):
         deadline = time.monotonic() + 30
         while True:
             entry = server.status().get(master, {})
-            serving = {w["pid"] for w in entry.get("workers") or [] if w["state"] == "serving"}
-            if len(serving) == WORKERS and victim not in serving:
+            now = serving(entry, 1) if entry.get("workers") else set()
+            if len(now) == WORKERS and victim not in now:
                 break
             self.assertLess(time.monotonic(), deadline, entry)
             time.sleep(0.05)  # the status file is written by another process
@@ -153,5 +161,30 @@ class OneViewTests(MasterTestCase):
         client.assert_counted()
         wait_metric(ports["metrics"], "graceful_open_connections", 0, protocol="http")
         self.assertEqual(metric(ports["metrics"], "graceful_worker_restarts_total"), 1)
-        client.until_answered_by(serving)
+        client.until_answered_by(now)
         client.assert_counted()
+
+    def test_the_view_survives_the_master_reexecuting_itself(self):
+        server, master, ports = self.start()
+        old = serving(self.wait_master(server, master, 1), 1)
+        directory = environ_of(min(old))["PROMETHEUS_MULTIPROC_DIR"]
+        client = Client(self, ports)
+        client.until_answered_by(old)
+        self.assertEqual(server.request_upgrade(master), "started")
+        self.wait_master(server, master, 2)
+        client.assert_counted()
+        # SIGUSR2: same PID, same workers (then upgraded), same directory.
+        server.signal(master, signal.SIGUSR2)
+        entry = self.wait_master(server, master, 3)
+        self.assertEqual(entry["execs"], 1)
+        newest = serving(entry, 3)
+        self.assertEqual(environ_of(min(newest))["PROMETHEUS_MULTIPROC_DIR"], directory)
+        client.assert_counted()
+        client.until_answered_by(newest)
+        client.assert_counted()
+        # The upgrade before and the one after the re-exec, counted by either image.
+        self.assertEqual(metric(ports["metrics"], "graceful_reloads_total", result="ok"), 2)
+        self.assertEqual(metric(ports["metrics"], "graceful_generation"), 3)
+        server.signal(master, signal.SIGTERM)
+        server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
+        self.assertFalse(os.path.exists(directory))

@@ -83,6 +83,7 @@ class ConnectionGaugeTests(MetricsTestCase):
     def test_http_channel_requests_by_status_class(self):
         site = GracefulSite(Page(), drain_tracker=self.graceful.tracker)
         self.metrics.observe_http_site(site)
+        emit(self.graceful, "serving", source="bound")
         self.assertEqual(self.value("graceful_open_connections", protocol="http"), 0)
         self.assertEqual(self.value("graceful_requests_total", protocol="http", result="2xx"), 0)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
@@ -97,6 +98,24 @@ class ConnectionGaugeTests(MetricsTestCase):
         self.assertEqual(self.value("graceful_requests_total", protocol="http", result="4xx"), 1)
         channel.connectionLost(None)
         self.assertEqual(self.value("graceful_open_connections", protocol="http"), 0)
+
+    def test_self_test_before_serving_not_counted(self):
+        # Nothing is accepted before the process is ready: a request its site
+        # answers meanwhile is the readiness self-test, not a client's.
+        site = GracefulSite(Page(), drain_tracker=self.graceful.tracker)
+        self.metrics.observe_http_site(site)
+
+        def get():
+            channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+            channel.makeConnection(StringTransport())
+            channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: self-test\r\n\r\n")
+            channel.connectionLost(None)
+
+        get()
+        self.assertEqual(self.value("graceful_requests_total", protocol="http", result="2xx"), 0)
+        emit(self.graceful, "serving", source="bound")
+        get()
+        self.assertEqual(self.value("graceful_requests_total", protocol="http", result="2xx"), 1)
 
     def test_transactions_by_result(self):
         store = FakeStore()

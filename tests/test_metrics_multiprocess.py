@@ -54,11 +54,18 @@ class SharedDirectoryTestCase(unittest.TestCase):
 
         self.addCleanup(restore)
         self.patch(values, "ValueClass", values.MutexValue)
+        self.value_classes = {}
 
     def as_process(self, pid):
-        value_class = values.MultiProcessValue(lambda: pid)
-        values.ValueClass = value_class
-        self.addCleanup(value_class.close_all_files)
+        """
+        What follows writes as the process C{pid} (one value class per
+        process, as in a real one: metrics it makes later, a new label
+        value say, go to that process's files).
+        """
+        if pid not in self.value_classes:
+            self.value_classes[pid] = values.MultiProcessValue(lambda: pid)
+            self.addCleanup(self.value_classes[pid].close_all_files)
+        values.ValueClass = self.value_classes[pid]
 
     def worker(self, pid, generation=1):
         """
@@ -162,13 +169,16 @@ class WorkerAggregationTests(SharedDirectoryTestCase):
         FakeConnection(b_service.tracker, busy=True)
         # Each worker writes its own share every LIVE_REFRESH_SECONDS, and
         # when it answers a scrape.
+        self.as_process(1001)
         a_service.reactor.advance(M.LIVE_REFRESH_SECONDS)
+        self.as_process(1002)
         b.snapshot()
         for metrics in (a, b):
             self.assertEqual(self.value(metrics, "graceful_open_connections", protocol="fake"), 3)
             self.assertEqual(
                 self.value(metrics, "graceful_inflight_transactions", protocol="fake"), 2)
         busy.finish_transaction()
+        self.as_process(1001)
         a.snapshot()
         self.assertEqual(self.value(b, "graceful_inflight_transactions", protocol="fake"), 1)
         mark_process_dead(1002, self.dir)
@@ -264,7 +274,8 @@ class MasterMetricsTests(SharedDirectoryTestCase):
         self.assertEqual(self.value(worker, "graceful_state", state="serving"), 0)
         self.assertEqual(self.value(worker, "graceful_generation"), 2)
         text = generate_latest(worker.registry).decode()
-        self.assertEqual(text.count("graceful_generation "), 1)  # one series, no pid label
+        series = [line for line in text.splitlines() if line.startswith("graceful_generation")]
+        self.assertEqual(series, ["graceful_generation 2.0"])  # one series, no pid label
 
     def test_replaced_workers_are_counted(self):
         self.tell("worker-exited", SERVING, worker_pid=1001, how="was killed by SIGKILL",
@@ -281,15 +292,20 @@ class MasterMetricsTests(SharedDirectoryTestCase):
         self.serving(b_service)
         self.get(a, b"/")
         FakeConnection(a_service.tracker)
+        FakeConnection(a_service.tracker)
+        FakeConnection(b_service.tracker)
+        self.as_process(1002)
+        b.snapshot()
+        self.as_process(1001)
         a.snapshot()
-        self.assertEqual(self.value(b, "graceful_open_connections", protocol="fake"), 1)
+        self.assertEqual(self.value(b, "graceful_open_connections", protocol="fake"), 3)
 
         class Ended:
             pid = 1001
             finished = True
 
         self.master.child_ended(Ended(), "was killed by SIGKILL")
-        self.assertEqual(self.value(b, "graceful_open_connections", protocol="fake"), 0)
+        self.assertEqual(self.value(b, "graceful_open_connections", protocol="fake"), 1)
         self.assertEqual(self.value(b, "graceful_requests_total", protocol="http",
                                     result="2xx"), 1)
 

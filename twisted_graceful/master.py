@@ -187,6 +187,7 @@ class Master(StateMachine):
         self._stopping = set()  # retired workers that have not said STOPPED yet
         self._stopped_call = None
         self.execs = 0  # times the master re-executed itself (SIGUSR2)
+        self.exit_hooks = []  # callables(pid) told first of every worker that exits
         self._replace_call = None
         self._stopped = None
         self.exit_status = 0
@@ -422,6 +423,8 @@ class Master(StateMachine):
 
     # --- supervision ------------------------------------------------------
     def child_ended(self, worker, how):
+        for hook in self.exit_hooks:
+            hook(worker.pid)
         if worker in self.retiring:
             self.retiring.remove(worker)
             self._stopping.discard(worker)

@@ -21,22 +21,36 @@ them:
     of the previous generation (its duration and the connections it cut)
     happen in a process nobody scrapes any more: its successor reads them from
     the status file (so only with a pidfile) and counts them once.
+
+That is the process that serves alone (C{--workers 0}). Under a master
+(C{--workers N}), every worker and the master write their metrics into one
+directory the master creates (prometheus_client's multiprocess mode,
+L{MasterMetrics}), and C{/metrics} of any worker serves the sum over every
+process, alive or gone: counters go on across upgrades and worker restarts.
+
+    metrics = GracefulMetrics(graceful, shared_dir=worker_directory(graceful))
+    install_master(master_service)           # in the master: the directory
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.twisted import MetricsResource
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.web import resource
 
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
-from twisted_graceful.lifecycle import STATES
+from twisted_graceful.lifecycle import STARTING, STATES
 from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
@@ -51,79 +65,164 @@ TXN_RESULTS = ("committed", "aborted", "error")
 HTTP_RESULTS = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPGRADE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DRAIN_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# prometheus_client's multiprocess mode: the directory every process of one
+# server writes its metrics into (an ordinary variable of the environment).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_PREFIX = "twisted-graceful-metrics-"
+# How often a worker writes its open connections and transactions in flight
+# (and whenever it answers a scrape).
+LIVE_REFRESH_SECONDS = 1.0
+
+# One help text per metric, whichever process writes it.
+HELP_REQUESTS = ("Finished HTTP requests by status class and transactions by result "
+                 "(committed, aborted, error)")
+HELP_RELOADS = ("Upgrades (SIGHUP) by result: ok, failed (the child exited or could not "
+                "start), timeout (not ready in time). Carried over from generation to "
+                "generation.")
+HELP_UPGRADE = ("Successful upgrades: from the signal to the next generation being ready "
+                "(observed by the old generation; its successor imports the one that started "
+                "it from the status file)")
+HELP_DRAIN = ("Drains: from the moment a generation stopped accepting to its last connection "
+              "closed (the previous generation's drain is counted by its successor)")
+HELP_CUT = "Connections aborted at the hard drain deadline"
+HELP_OPEN = "Open connections per protocol"
+HELP_INFLIGHT = ("Connections inside a transaction (an HTTP request being handled, a "
+                 "transaction between BEGIN and its COMMIT reply)")
+HELP_STATE = "1 for the state this process is in"
+HELP_GENERATION = ("Generation of this process (1: started by hand; each successful upgrade "
+                   "adds 1). Counters reset when it changes.")
+# Under a master the same metrics mean the whole server:
+HELP_SHARED_RELOADS = ("Upgrades of the workers (SIGHUP to the master) by result: ok, failed "
+                       "(a new worker exited or could not start), timeout (not all ready in "
+                       "time)")
+HELP_SHARED_UPGRADE = "Successful upgrades: from the signal to every new worker being ready"
+HELP_SHARED_DRAIN = ("Drains of workers: from the moment a worker stopped accepting to its last "
+                     "connection closed (one per worker)")
+HELP_SHARED_GENERATION = ("Generation of the workers that serve (1: the first set; each "
+                          "successful upgrade adds 1)")
+HELP_SHARED_STATE = "1 for the state the master is in"
+HELP_RESTARTS = "Workers of the serving set that exited unexpectedly and were replaced"
 
 
 class GracefulMetrics:
     """
-    The Prometheus metrics of one generation, in a registry of its own.
+    The Prometheus metrics of one process: in a registry of its own (the
+    process serves alone), or, with C{shared_dir}, written into the
+    directory every process of a master's server shares, and served summed
+    over all of them.
+
+    @param shared_dir: L{None} for a process that serves alone (C{--workers
+        0}, a C{.tac} without a master); for a worker of a master, the
+        directory its master made (L{worker_directory}).
     """
 
-    def __init__(self, graceful, registry=None, status=None, environ=None):
+    def __init__(self, graceful, registry=None, status=None, environ=None, shared_dir=None):
         self.graceful = graceful
         self.registry = registry if registry is not None else CollectorRegistry()
         self.status = status or ProcessStatus(graceful)
         self.environ = graceful.environ if environ is None else environ
+        self.shared_dir = shared_dir
         self._protocols = set()
         self._reload_counts = dict.fromkeys(RELOAD_RESULTS, 0)
         self._snapshot = None
         self._imported_drain = False
         self._imported_upgrade = False
         self._lock = threading.Lock()
-        r = self.registry
-        r.register(_BeforeScrape(self))  # first: what it imports shows in this scrape
-        self.generation = Gauge(
-            "graceful_generation", "Generation of this process (1: started by hand; each "
-            "successful upgrade adds 1). Counters reset when it changes.", registry=r)
-        self.generation.set_function(lambda: self._live()["generation"])
-        self.reloads = Counter(
-            "graceful_reloads", "Upgrades (SIGHUP) by result: ok, failed (the child exited or "
-            "could not start), timeout (not ready in time). Carried over from generation to "
-            "generation.", ["result"], registry=r)
-        self.upgrade_duration = Histogram(
-            "graceful_upgrade_duration_seconds", "Successful upgrades: from the signal to the "
-            "next generation being ready (observed by the old generation; its successor "
-            "imports the one that started it from the status file)", buckets=UPGRADE_BUCKETS,
-            registry=r)
-        self.drain_duration = Histogram(
-            "graceful_drain_duration_seconds", "Drains: from the moment a generation stopped "
-            "accepting to its last connection closed (the previous generation's drain is "
-            "counted by its successor)", buckets=DRAIN_BUCKETS, registry=r)
+        self._on_serving = []  # what starts once this process serves
         # (protocol, result) -> count, written in the reactor thread only; a
         # collector copies it at scrape time. Cheaper per request than a
         # prometheus Counter (no lock, no label lookup).
         self.request_counts = {}
-        r.register(_RequestsCollector(self))
-        self.cut = Counter(
-            "graceful_connections_cut", "Connections aborted at the hard drain deadline",
+        if shared_dir is None:
+            self._own_registry(self.registry)
+        else:
+            self._shared_registry(self.registry, shared_dir)
+        graceful.add_observer(self._event)
+
+    def _own_registry(self, r):
+        r.register(_BeforeScrape(self))  # first: what it imports shows in this scrape
+        self.generation = Gauge("graceful_generation", HELP_GENERATION, registry=r)
+        self.generation.set_function(lambda: self._live()["generation"])
+        self.reloads = Counter("graceful_reloads", HELP_RELOADS, ["result"], registry=r)
+        self.upgrade_duration = Histogram(
+            "graceful_upgrade_duration_seconds", HELP_UPGRADE, buckets=UPGRADE_BUCKETS,
             registry=r)
+        self.drain_duration = Histogram(
+            "graceful_drain_duration_seconds", HELP_DRAIN, buckets=DRAIN_BUCKETS, registry=r)
+        r.register(_RequestsCollector(self))
+        self.cut = Counter("graceful_connections_cut", HELP_CUT, registry=r)
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
         ProcessCollector(registry=r)
         r.register(_LiveCollector(self))
-        graceful.add_observer(self._event)
+
+    def _shared_registry(self, r, directory):
+        """
+        A worker of a master: each value is written, as it changes, into this
+        process's files in C{directory}; a scrape reads every process's
+        files (L{MultiProcessCollector}). No custom collector: its values
+        would be this worker's alone. The master writes the upgrades, the
+        generation and the state (L{MasterMetrics}).
+        """
+        use_multiprocess(directory)
+        MultiProcessCollector(r, path=directory)
+        # Not registered: the registry above reads them from the files.
+        self.requests = Counter("graceful_requests", HELP_REQUESTS, ["protocol", "result"],
+                                registry=None)
+        self.drain_duration = Histogram(
+            "graceful_drain_duration_seconds", HELP_SHARED_DRAIN, buckets=DRAIN_BUCKETS,
+            registry=None)
+        self.cut = Counter("graceful_connections_cut", HELP_CUT, registry=None)
+        # Summed over the workers alive: the master removes a worker's share
+        # when it exits (mark_process_dead).
+        self.open_connections = Gauge("graceful_open_connections", HELP_OPEN, ["protocol"],
+                                      registry=None, multiprocess_mode="livesum")
+        self.inflight = Gauge("graceful_inflight_transactions", HELP_INFLIGHT, ["protocol"],
+                              registry=None, multiprocess_mode="livesum")
+        self._written = {}  # (gauge, protocol) -> the value last written
+        self._live_loop = None
 
     # --- wiring -------------------------------------------------------------
     def observe_http_site(self, site, protocol="http"):
         """
-        Count the requests C{site} finishes, by status class.
+        Count the requests C{site} finishes, by status class, from the moment
+        this process serves (before that, it accepts nothing: what its site
+        answers is its own readiness self-test, not a client's request).
         """
         self._protocols.add(protocol)
-        counts = self.request_counts
-        keys = {}
-        for result in HTTP_RESULTS:
-            keys[int(result[0])] = key = (protocol, result)
-            counts[key] = 0
         original = site.log
+        if self.shared_dir is not None:
+            requests = self.requests
+            children = {int(result[0]): requests.labels(protocol, result)
+                        for result in HTTP_RESULTS}
 
-        def log(request):
-            try:
-                status_class = int(request.code) // 100
-                key = keys.get(status_class) or (protocol, f"{status_class}xx")
-                counts[key] = counts.get(key, 0) + 1
-            finally:
-                original(request)
+            def log(request):
+                try:
+                    status_class = int(request.code) // 100
+                    child = children.get(status_class) or requests.labels(
+                        protocol, f"{status_class}xx")
+                    child.inc()  # written in this worker's file at once: a crash loses nothing
+                finally:
+                    original(request)
+        else:
+            counts = self.request_counts
+            keys = {}
+            for result in HTTP_RESULTS:
+                keys[int(result[0])] = key = (protocol, result)
+                counts[key] = 0
 
-        site.log = log
+            def log(request):
+                try:
+                    status_class = int(request.code) // 100
+                    key = keys.get(status_class) or (protocol, f"{status_class}xx")
+                    counts[key] = counts.get(key, 0) + 1
+                finally:
+                    original(request)
+
+        def install():
+            site.log = log
+
+        self._when_serving(install)
         return site
 
     def observe_txn_factory(self, factory, protocol="txn"):
@@ -131,16 +230,29 @@ class GracefulMetrics:
         Count the transactions of a L{TxnFactory} by result.
         """
         self._protocols.add(protocol)
-        counts = self.request_counts
-        for result in TXN_RESULTS:
-            counts[(protocol, result)] = 0
+        if self.shared_dir is not None:
+            requests = self.requests
+            children = {result: requests.labels(protocol, result) for result in TXN_RESULTS}
 
-        def observe(result):
-            key = (protocol, result)
-            counts[key] = counts.get(key, 0) + 1
+            def observe(result):
+                (children.get(result) or requests.labels(protocol, result)).inc()
+        else:
+            counts = self.request_counts
+            for result in TXN_RESULTS:
+                counts[(protocol, result)] = 0
+
+            def observe(result):
+                key = (protocol, result)
+                counts[key] = counts.get(key, 0) + 1
 
         factory.transaction_observer = observe
         return factory
+
+    def _when_serving(self, start):
+        if self.graceful.state == STARTING:
+            self._on_serving.append(start)
+        else:
+            start()
 
     def resource(self):
         """
@@ -162,6 +274,12 @@ class GracefulMetrics:
     # --- events ---------------------------------------------------------------
     def _event(self, event, **details):
         if event == "serving":
+            starts, self._on_serving = self._on_serving, []
+            for start in starts:
+                start()
+        if self.shared_dir is not None:
+            self._shared_event(event, **details)
+        elif event == "serving":
             if details.get("source") in ("inherited", "orphaned"):
                 self._carry_over_reloads()
             self._save_reloads()
@@ -176,6 +294,44 @@ class GracefulMetrics:
             report = details["report"]
             self.drain_duration.observe(report.duration)
             self.cut.inc(len(report.cut))
+
+    def _shared_event(self, event, **details):
+        """
+        A worker of a master: its drain is its own; its upgrades are the
+        master's to count (a worker never upgrades), and nothing is carried
+        in the environment (the files outlive the process).
+        """
+        if event == "serving" and self._live_loop is None:
+            self._live_loop = task.LoopingCall(self._write_live)
+            self._live_loop.clock = self.graceful.reactor
+            self._live_loop.start(LIVE_REFRESH_SECONDS, now=False)
+        elif event == "drained" and details.get("report") is not None:
+            report = details["report"]
+            self.drain_duration.observe(report.duration)
+            self.cut.inc(len(report.cut))
+        self._write_live()
+        if event == "drained" and self._live_loop is not None and self._live_loop.running:
+            self._live_loop.stop()
+
+    def _write_live(self):
+        """
+        Write this worker's open connections and transactions in flight
+        into its file (only what changed): the gauges the other workers'
+        scrapes sum. Runs every L{LIVE_REFRESH_SECONDS}, on every event and
+        when this worker answers a scrape.
+        """
+        try:
+            counts = self.graceful.tracker.counts()
+            self._protocols.update(counts)  # a protocol seen once stays, at zero
+            written = self._written
+            for protocol in self._protocols:
+                total, inside = counts.get(protocol, (0, 0))
+                for gauge, value in ((self.open_connections, total), (self.inflight, inside)):
+                    if written.get((gauge, protocol)) != value:
+                        gauge.labels(protocol).set(value)
+                        written[(gauge, protocol)] = value
+        except Exception:
+            _BeforeScrape.log.failure("writing the live gauges")
 
     def _carry_over_reloads(self):
         """
@@ -203,7 +359,7 @@ class GracefulMetrics:
         Count the previous generation's drain once it is over (it is recorded
         in the status file).
         """
-        if self._imported_drain:
+        if self._imported_drain or self.shared_dir is not None:
             return
         parent_pid = self.status.parent_pid
         if self.status.source not in ("inherited", "orphaned") or not parent_pid:
@@ -235,8 +391,13 @@ class GracefulMetrics:
     def snapshot(self):
         """
         Read the live values in the reactor thread, for a scrape that
-        L{MetricsResource} then renders in a thread of the pool.
+        L{MetricsResource} then renders in a thread of the pool (a worker of
+        a master writes its own share, which the scrape then reads back with
+        every other process's).
         """
+        if self.shared_dir is not None:
+            self._write_live()
+            return
         self._snapshot = self._read_live()
 
     def _live(self):
@@ -300,9 +461,8 @@ class _RequestsCollector:
 
     def collect(self):
         counts = dict(self.metrics.request_counts)  # one copy, atomic under the GIL
-        family = CounterMetricFamily(
-            "graceful_requests", "Finished HTTP requests by status class and transactions "
-            "by result (committed, aborted, error)", labels=["protocol", "result"])
+        family = CounterMetricFamily("graceful_requests", HELP_REQUESTS,
+                                     labels=["protocol", "result"])
         for (protocol, result), value in sorted(counts.items()):
             family.add_metric([protocol, result], value)
         return [family]
@@ -326,18 +486,14 @@ class _LiveCollector:
 
     def collect(self):
         live = self.metrics._live()
-        opened = GaugeMetricFamily(
-            "graceful_open_connections", "Open connections per protocol", labels=["protocol"])
-        busy = GaugeMetricFamily(
-            "graceful_inflight_transactions", "Connections inside a transaction (an HTTP "
-            "request being handled, a transaction between BEGIN and its COMMIT reply)",
-            labels=["protocol"])
+        opened = GaugeMetricFamily("graceful_open_connections", HELP_OPEN, labels=["protocol"])
+        busy = GaugeMetricFamily("graceful_inflight_transactions", HELP_INFLIGHT,
+                                 labels=["protocol"])
         for protocol in live["protocols"]:
             total, inside = live["counts"].get(protocol, (0, 0))
             opened.add_metric([protocol], total)
             busy.add_metric([protocol], inside)
-        state = GaugeMetricFamily(
-            "graceful_state", "1 for the state this process is in", labels=["state"])
+        state = GaugeMetricFamily("graceful_state", HELP_STATE, labels=["state"])
         for name in STATES:
             state.add_metric([name], 1 if name == live["state"] else 0)
         return [opened, busy, state]
@@ -386,16 +542,157 @@ class MetricsSite(GracefulSite):
         pass  # a scrape every few seconds is not worth a log line
 
 
+# --- across processes (a master and its workers) ------------------------------
+
+def use_multiprocess(directory, environ=None):
+    """
+    This process writes its prometheus_client values into C{directory}:
+    what prometheus_client chooses by itself when C{PROMETHEUS_MULTIPROC_DIR}
+    is set before it is imported (a worker, started with it), and what a
+    master, which imported it before making the directory, asks for here.
+    Metrics made earlier keep their values in memory.
+    """
+    environ = os.environ if environ is None else environ
+    environ[MULTIPROC_ENV] = directory
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+
+
+def worker_directory(graceful):
+    """
+    Where C{graceful} shares its metrics: for a worker of a master, the
+    directory its master named in its environment; L{None} (a registry of
+    its own, as before) for a process that serves alone (C{--workers 0}),
+    whatever its environment says, and for a worker whose master made no
+    directory.
+    """
+    if not graceful.is_worker:
+        return None
+    directory = graceful.environ.get(MULTIPROC_ENV)
+    return directory if directory and os.path.isdir(directory) else None
+
+
+def master_directory(master):
+    """
+    The master's directory: a new private one; after a re-exec (SIGUSR2,
+    same PID, same workers), the one our previous image made, so that its
+    workers and its own counts stay in the view.
+    """
+    inherited = master.environ.get(MULTIPROC_ENV)
+    if (master.execs and inherited and os.path.basename(inherited).startswith(MULTIPROC_PREFIX)
+            and os.path.isdir(inherited) and os.stat(inherited).st_uid == os.getuid()):
+        return inherited
+    return tempfile.mkdtemp(prefix=MULTIPROC_PREFIX)
+
+
+class MasterMetrics:
+    """
+    The master's share of the workers' C{/metrics}: it has no metrics
+    listener, so it writes what only it knows into the directory the
+    workers share, as one more process: upgrades by result and their
+    duration, workers replaced, the generation that serves and its own state.
+    It gives the directory to every worker (in their environment) and, when
+    a worker exits, removes its share of the gauges of live processes.
+
+    @param master: a L{twisted_graceful.master.MasterService}.
+    """
+
+    log = Logger()
+
+    def __init__(self, master, directory):
+        self.master = master
+        self.directory = directory
+        master.environ[MULTIPROC_ENV] = directory  # every worker's environment
+        self._metrics = None
+        master.add_observer(self._event)
+        master.master.exit_hooks.append(self.process_ended)
+
+    def _made(self):
+        # Made at the first event, in the process that runs the reactor (not
+        # in the one twistd forks it from when it daemonizes).
+        if self._metrics is None:
+            m = self._metrics = {}
+            m["reloads"] = Counter("graceful_reloads", HELP_SHARED_RELOADS, ["result"],
+                                   registry=None)
+            for result in RELOAD_RESULTS:
+                m["reloads"].labels(result)
+            m["upgrade"] = Histogram("graceful_upgrade_duration_seconds", HELP_SHARED_UPGRADE,
+                                     buckets=UPGRADE_BUCKETS, registry=None)
+            m["restarts"] = Counter("graceful_worker_restarts", HELP_RESTARTS, registry=None)
+            # Only the master writes these: "mostrecent" serves the value it
+            # set last, as one series without a pid label (summing or taking
+            # the largest would be the same with one writer, but says less).
+            m["generation"] = Gauge("graceful_generation", HELP_SHARED_GENERATION,
+                                    registry=None, multiprocess_mode="mostrecent")
+            m["state"] = Gauge("graceful_state", HELP_SHARED_STATE, ["state"], registry=None,
+                               multiprocess_mode="mostrecent")
+        return self._metrics
+
+    def _event(self, event, generation=None, state=None, **details):
+        m = self._made()
+        if event in ("upgrade-ok", "upgrade-failed") and state != STARTING:
+            # (The first set failing is not an upgrade: the master exits.)
+            outcome = details["outcome"]
+            result = outcome.result if outcome.result in RELOAD_RESULTS else "failed"
+            m["reloads"].labels(result).inc()
+            if result == "ok" and outcome.duration is not None:
+                m["upgrade"].observe(outcome.duration)
+        elif event == "worker-exited" and not details.get("expected"):
+            m["restarts"].inc()
+        if generation is not None:
+            m["generation"].set(generation)
+        if state is not None:
+            for name in STATES:
+                m["state"].labels(name).set(1 if name == state else 0)
+
+    def process_ended(self, pid):
+        """
+        A worker exited: its open connections and transactions in flight are
+        no longer the server's. Its counters stay in the sum.
+        """
+        if not pid:
+            return
+        try:
+            mark_process_dead(pid, self.directory)
+        except OSError as e:
+            self.log.warn("metrics: could not remove the live gauges of pid {pid}: {err}",
+                          pid=pid, err=e)
+
+    def close(self):
+        """
+        Remove the directory (the master is exiting; every worker is gone).
+        """
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def install_master(master):
+    """
+    In the master: make (or keep, after a re-exec) the directory, write this
+    process's own values there, hand it to every worker, and remove it when
+    the master exits. Returns the L{MasterMetrics}.
+    """
+    directory = master_directory(master)
+    use_multiprocess(directory)
+    shared = MasterMetrics(master, directory)
+    # A re-exec replaces the process image without either of these: the next
+    # image keeps the directory.
+    master.reactor.addSystemEventTrigger("after", "shutdown", shared.close)
+    atexit.register(shared.close)
+    return shared
+
+
 def install(graceful, description, option="--metrics-port", http_site=None, txn_factory=None,
-            status_file=True, registry=None):
+            status_file=True, registry=None, shared_dir=None):
     """
     Everything at once: metrics and C{/status} on a listener named
     C{metrics}, and the status file. Returns the L{GracefulMetrics}.
+
+    @param shared_dir: see L{GracefulMetrics}.
     """
     status = ProcessStatus(graceful)
     if status_file:
         StatusFile(graceful, status)
-    metrics = GracefulMetrics(graceful, registry=registry, status=status)
+    metrics = GracefulMetrics(graceful, registry=registry, status=status, shared_dir=shared_dir)
     if http_site is not None:
         metrics.observe_http_site(http_site)
     if txn_factory is not None:
@@ -405,6 +702,8 @@ def install(graceful, description, option="--metrics-port", http_site=None, txn_
 
 
 __all__ = [
-    "GracefulMetrics", "MetricsSite", "ProcessStatus", "StatusFile", "StatusResource",
-    "install", "read_status", "status_path", "update_status_file", "RELOADS_ENV",
+    "GracefulMetrics", "MasterMetrics", "MetricsSite", "ProcessStatus", "StatusFile",
+    "StatusResource", "install", "install_master", "master_directory", "read_status",
+    "status_path", "update_status_file", "use_multiprocess", "worker_directory", "RELOADS_ENV",
+    "MULTIPROC_ENV",
 ]

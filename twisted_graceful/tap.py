@@ -190,7 +190,10 @@ def makeService(options):
         idle_timeout=options["idle-timeout"],
     )
     graceful.add_listener("txn", options["txn-port"], txn, option="--txn-port")
-    metrics.install(graceful, options["metrics-port"], http_site=site, txn_factory=txn)
+    # A worker of a master shares its metrics with every process of the server;
+    # --workers 0 keeps a registry of its own (and carries its reload counts).
+    metrics.install(graceful, options["metrics-port"], http_site=site, txn_factory=txn,
+                    shared_dir=metrics.worker_directory(graceful))
     graceful.add_readiness_check(store.check)
     if not graceful.is_worker:
         install_sd_notify(graceful)  # nothing unless $NOTIFY_SOCKET is set
@@ -220,6 +223,7 @@ def make_master(options, reactor, pidfile, command, twistd_config):
         abort_grace=options["abort-grace"], command=command, reexec_command=reexec_command,
         preflight_command=preflight_command, adopted=inh.workers, generation=inh.generation,
     )
+    metrics.install_master(master)  # the directory the workers' /metrics sum
     StatusFile(master)
     install_sd_notify(master)
     return master
