@@ -101,7 +101,8 @@ HELP_SHARED_DRAIN = ("Drains of workers: from the moment a worker stopped accept
 HELP_SHARED_GENERATION = ("Generation of the workers that serve (1: the first set; each "
                           "successful upgrade adds 1)")
 HELP_SHARED_STATE = "1 for the state the master is in"
-HELP_RESTARTS = "Workers of the serving set that exited unexpectedly and were replaced"
+HELP_RESTARTS = ("Workers that exited unexpectedly (serving, or starting in place of one that "
+                 "did) and were replaced")
 
 
 class GracefulMetrics:
@@ -115,6 +116,8 @@ class GracefulMetrics:
         0}, a C{.tac} without a master); for a worker of a master, the
         directory its master made (L{worker_directory}).
     """
+
+    log = Logger()
 
     def __init__(self, graceful, registry=None, status=None, environ=None, shared_dir=None):
         self.graceful = graceful
@@ -331,7 +334,7 @@ class GracefulMetrics:
                         gauge.labels(protocol).set(value)
                         written[(gauge, protocol)] = value
         except Exception:
-            _BeforeScrape.log.failure("writing the live gauges")
+            self.log.failure("writing the live gauges")
 
     def _carry_over_reloads(self):
         """
