@@ -1,7 +1,9 @@
 """
-The SQLite store: atomic commits, nothing left by a transaction that never
-committed (aborted, failed, or cut by a crash), serializable commits from two
-processes' worth of pools on one file.
+The store, on SQLite and on a real PostgreSQL: atomic commits, nothing left
+by a transaction that never committed (aborted, failed, or cut by a crash),
+serializable commits from two processes' (or hosts') worth of pools on one
+database; on PostgreSQL, an unreachable or lost database answers clearly and
+never with a false commit.
 """
 
 import os
@@ -12,11 +14,15 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from tests import pg
 from twisted_graceful.store import (
+    CommitOutcomeUnknown,
     Store,
     StoreBusy,
     TransactionFailed,
+    advisory_key,
     apply_ops,
+    redact,
     keys_of,
     parse_integer,
 )
@@ -50,30 +56,21 @@ class ApplyOpsTests(unittest.TestCase):
         self.assertEqual(keys_of([("set", "b", "1"), ("del", "a"), ("incr", "b", 1)]), ["b", "a"])
 
 
-class StoreTests(unittest.TestCase):
+class StoreContract:
+    """
+    What every backend must do. Subclasses say how to open a store on a
+    fresh database (C{make_db}) and read a value behind the store's back.
+    """
+
     def setUp(self):
-        self.path = os.path.abspath(self.mktemp())
+        self.db = self.make_db()
         self.store = self.open_store()
 
     def open_store(self, **kwargs):
-        store = Store(self.path, reactor, generation=lambda: 7, **kwargs)
+        store = Store(self.db, reactor, generation=lambda: 7, **kwargs)
         store.startService()
         self.addCleanup(lambda: store.running and store.stopService())
         return store
-
-    def raw(self):
-        """
-        A connection of our own, as another process would have.
-        """
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
-        self.addCleanup(conn.close)
-        return conn
-
-    @defer.inlineCallbacks
-    def test_database_is_in_wal_mode(self):
-        yield self.store.check()
-        mode = self.raw().execute("PRAGMA journal_mode").fetchone()[0]
-        self.assertEqual(mode, "wal")
 
     @defer.inlineCallbacks
     def test_commit_applies_every_write(self):
@@ -95,6 +92,8 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(rows[1]["result"], {"a": "2", "b": "2"})
         self.assertEqual(rows[1]["pid"], os.getpid())
         self.assertEqual(rows[1]["generation"], 7)
+        count = yield self.store.check()
+        self.assertEqual(count, 2)
 
     @defer.inlineCallbacks
     def test_failed_commit_applies_nothing(self):
@@ -107,6 +106,73 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(values, {"a": "apple", "b": None})
         rows = yield self.store.transactions()
         self.assertEqual(len(rows), 1)
+        # The connection is still good.
+        result = yield self.store.commit([("set", "a", "1")])
+        self.assertEqual(result.values, {"a": "1"})
+
+    @defer.inlineCallbacks
+    def test_concurrent_increments_from_two_stores_are_serializable(self):
+        """
+        Two pools on one database (as the old and the new generation, or two
+        hosts), on keys that do not exist yet: every INCR is applied exactly
+        once, each in its own transaction row.
+        """
+        other = self.open_store()
+        commits = []
+        for i in range(60):
+            store = self.store if i % 2 else other
+            commits.append(store.commit([("incr", "n", 1), ("set", f"k{i}", str(i))]))
+        results = yield defer.gatherResults(commits)
+        self.assertEqual(sorted(int(r.values["n"]) for r in results), list(range(1, 61)))
+        self.assertEqual(len({r.txid for r in results}), 60)
+        value = yield self.store.get("n")
+        self.assertEqual(value, "60")
+        rows = yield other.transactions()
+        self.assertEqual(len(rows), 60)
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_commits_in_flight(self):
+        d = self.store.commit([("set", "a", "1")])
+        stopped = self.store.stopService()
+        result = yield d
+        yield stopped
+        self.assertEqual(result.values, {"a": "1"})
+        self.assertEqual(self.read_value("a"), "1")
+
+    @defer.inlineCallbacks
+    def test_closed_store_refuses(self):
+        yield self.store.stopService()
+        yield self.assertFailure(self.store.get("a"), StoreBusy)
+
+    def test_empty_commit_is_a_programming_error(self):
+        self.assertRaises(ValueError, self.store.commit, [])
+
+
+class SQLiteStoreTests(StoreContract, unittest.TestCase):
+    def make_db(self):
+        self.path = os.path.abspath(self.mktemp())
+        return self.path
+
+    def raw(self):
+        """
+        A connection of our own, as another process would have.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
+        self.addCleanup(conn.close)
+        return conn
+
+    def read_value(self, key):
+        row = self.raw().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def test_a_path_is_sqlite(self):
+        self.assertEqual(self.store.description, f"SQLite {self.path} (WAL mode)")
+
+    @defer.inlineCallbacks
+    def test_database_is_in_wal_mode(self):
+        yield self.store.check()
+        mode = self.raw().execute("PRAGMA journal_mode").fetchone()[0]
+        self.assertEqual(mode, "wal")
 
     @defer.inlineCallbacks
     def test_crash_between_begin_and_commit_leaves_nothing(self):
@@ -135,25 +201,6 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(result.values, {"a": "2"})
 
     @defer.inlineCallbacks
-    def test_concurrent_increments_from_two_stores_are_serializable(self):
-        """
-        Two pools on one file (as the old and the new generation): every INCR
-        is applied exactly once, each in its own transaction row.
-        """
-        other = self.open_store()
-        commits = []
-        for i in range(60):
-            store = self.store if i % 2 else other
-            commits.append(store.commit([("incr", "n", 1), ("set", f"k{i}", str(i))]))
-        results = yield defer.gatherResults(commits)
-        self.assertEqual(sorted(int(r.values["n"]) for r in results), list(range(1, 61)))
-        self.assertEqual(len({r.txid for r in results}), 60)
-        value = yield self.store.get("n")
-        self.assertEqual(value, "60")
-        rows = yield other.transactions()
-        self.assertEqual(len(rows), 60)
-
-    @defer.inlineCallbacks
     def test_locked_database_is_busy_and_applies_nothing(self):
         store = self.open_store(busy_timeout=0.2)
         yield store.check()
@@ -168,20 +215,213 @@ class StoreTests(unittest.TestCase):
         result = yield store.commit([("set", "a", "1")])
         self.assertEqual(result.values, {"a": "1"})
 
+
+class PostgresStoreTests(StoreContract, unittest.TestCase):
+    """
+    The same contract on a real PostgreSQL, and what only a database over
+    the network does: be unreachable, lose connections, be locked by another
+    host.
+    """
+
+    def make_db(self):
+        return pg.database_url(self)
+
+    def raw(self, **kwargs):
+        import psycopg
+
+        conn = psycopg.connect(self.db, connect_timeout=10, **kwargs)
+        self.addCleanup(conn.close)
+        return conn
+
+    def read_value(self, key):
+        row = self.raw().execute("SELECT value FROM kv WHERE key = %s", (key,)).fetchone()
+        return row[0] if row else None
+
+    def test_a_url_is_postgresql(self):
+        self.assertEqual(self.store.description, f"PostgreSQL {self.db}")
+        self.assertIsNone(self.store.path)
+
+    def test_the_password_is_never_shown(self):
+        self.assertEqual(redact("postgresql://app:s3cret@db.example:5432/kv"),
+                         "postgresql://app:***@db.example:5432/kv")
+        self.assertEqual(redact("postgresql://app@db:5432/kv"), "postgresql://app@db:5432/kv")
+        store = Store("postgresql://app:s3cret@127.0.0.1:1/kv", reactor)
+        self.assertNotIn("s3cret", store.description)
+
+    def test_advisory_keys_are_stable_64_bit(self):
+        self.assertEqual(advisory_key("apples"), advisory_key("apples"))
+        self.assertNotEqual(advisory_key("apples"), advisory_key("pears"))
+        self.assertTrue(-(2**63) <= advisory_key("apples") < 2**63)
+
     @defer.inlineCallbacks
-    def test_stop_waits_for_commits_in_flight(self):
-        d = self.store.commit([("set", "a", "1")])
-        stopped = self.store.stopService()
-        result = yield d
-        yield stopped
+    def test_schema_is_created_by_many_stores_at_once(self):
+        """
+        Hosts starting together on an empty database: each creates the
+        tables if missing, under one lock, and none fails.
+        """
+        url = pg.shared_server().new_database()
+        stores = []
+        for _ in range(4):
+            store = Store(url, reactor)
+            store.startService()
+            self.addCleanup(lambda s=store: s.running and s.stopService())
+            stores.append(store)
+        counts = yield defer.gatherResults([s.check() for s in stores])
+        self.assertEqual(counts, [0, 0, 0, 0])
+
+    @defer.inlineCallbacks
+    def test_many_hosts_increment_one_counter_exactly(self):
+        """
+        Four pools of three connections each increment two counters (one
+        absent at first) in one transaction, 200 times: both end at 200.
+        """
+        stores = [self.store] + [self.open_store() for _ in range(3)]
+        commits = [stores[i % 4].commit([("incr", "hot", 1), ("incr", f"other{i % 3}", 1),
+                                         ("incr", "total", 1)])
+                   for i in range(200)]
+        yield defer.gatherResults(commits)
+        values = yield self.store.get_many(["hot", "total", "other0", "other1", "other2"])
+        self.assertEqual(values["hot"], "200")
+        self.assertEqual(values["total"], "200")
+        self.assertEqual(sum(int(values[f"other{i}"]) for i in range(3)), 200)
+
+    @defer.inlineCallbacks
+    def test_a_key_locked_by_another_host_is_busy_and_applies_nothing(self):
+        store = self.open_store(busy_timeout=0.2)
+        yield store.check()
+        blocker = self.raw()
+        blocker.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("a"),))
+        try:
+            failure = yield self.assertFailure(store.commit([("set", "a", "1")]), StoreBusy)
+            self.assertIn("lock timeout", str(failure))
+        finally:
+            blocker.rollback()
+        value = yield store.get("a")
+        self.assertIsNone(value)
+        result = yield store.commit([("set", "a", "1")])
         self.assertEqual(result.values, {"a": "1"})
-        row = self.raw().execute("SELECT value FROM kv WHERE key = 'a'").fetchone()
-        self.assertEqual(row, ("1",))
 
     @defer.inlineCallbacks
-    def test_closed_store_refuses(self):
-        yield self.store.stopService()
-        yield self.assertFailure(self.store.get("a"), StoreBusy)
+    def test_crash_between_begin_and_commit_leaves_nothing(self):
+        yield self.store.commit([("set", "a", "1")])
+        script = (
+            "import os, sys, psycopg\n"
+            "c = psycopg.connect(sys.argv[1])\n"
+            "c.execute(\"UPDATE kv SET value = '99' WHERE key = 'a'\")\n"
+            "c.execute(\"INSERT INTO kv VALUES ('b', 'half')\")\n"
+            "c.execute(\"INSERT INTO txns (committed_at, host, pid, ops, result, token) "
+            "VALUES (0, 'h', 0, '[]', '{}', 'x')\")\n"
+            "os._exit(9)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script, self.db], timeout=30)
+        self.assertEqual(done.returncode, 9)
+        values = yield self.store.get_many(["a", "b"])
+        self.assertEqual(values, {"a": "1", "b": None})
+        result = yield self.store.commit([("incr", "a", 1)])
+        self.assertEqual(result.values, {"a": "2"})
+        rows = yield self.store.transactions()
+        self.assertEqual(len(rows), 2)
 
-    def test_empty_commit_is_a_programming_error(self):
-        self.assertRaises(ValueError, self.store.commit, [])
+    @defer.inlineCallbacks
+    def test_unreachable_database_is_busy_with_the_reason(self):
+        url = f"postgresql://nobody@127.0.0.1:{pg.free_port()}/nothing"
+        store = Store(url, reactor)
+        store.startService()
+        self.addCleanup(store.stopService)
+        failure = yield self.assertFailure(store.check(), StoreBusy)
+        self.assertIn(f"PostgreSQL {url}:", str(failure))
+        self.assertIn("refused", str(failure))
+
+    @defer.inlineCallbacks
+    def test_database_restart_while_serving(self):
+        """
+        The database stops: commits fail with the reason (nothing applied,
+        no false success); it starts again: the next commit works on a new
+        connection, without an error first.
+        """
+        server = pg.own_server(self)
+        url = server.new_database()
+        store = Store(url, reactor)
+        store.startService()
+        self.addCleanup(lambda: store.running and store.stopService())
+        yield store.commit([("incr", "n", 1)])
+        yield deferToThreadStop(server)
+        failure = yield self.assertFailure(store.commit([("incr", "n", 1)]), StoreBusy)
+        self.assertIn("PostgreSQL", str(failure))
+        yield self.assertFailure(store.get("n"), StoreBusy)
+        yield deferToThreadStart(server)
+        result = yield store.commit([("incr", "n", 1)])
+        self.assertEqual(result.values, {"n": "2"})
+        rows = yield store.transactions()
+        self.assertEqual(len(rows), 2)
+
+    @defer.inlineCallbacks
+    def test_connection_lost_during_commit_is_resolved_not_guessed(self):
+        """
+        The server process dies while COMMIT runs (a deferred trigger kills
+        it): the store asks the database on a new connection whether the
+        commit is there, and only says "not applied" once it knows.
+        """
+        conn = self.raw(autocommit=True)
+        yield self.store.check()  # the tables exist
+        conn.execute("""
+            CREATE FUNCTION die_at_commit() RETURNS trigger AS $$
+            BEGIN
+                IF NEW.ops LIKE '%%die%%' THEN
+                    PERFORM pg_terminate_backend(pg_backend_pid());
+                    PERFORM pg_sleep(5);
+                END IF;
+                RETURN NULL;
+            END $$ LANGUAGE plpgsql""")
+        conn.execute("CREATE CONSTRAINT TRIGGER die AFTER INSERT ON txns DEFERRABLE "
+                     "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION die_at_commit()")
+        failure = yield self.assertFailure(
+            self.store.commit([("set", "die", "1"), ("incr", "n", 1)]), StoreBusy)
+        self.assertIn("lost during COMMIT", str(failure))
+        self.assertIn("not in the database", str(failure))
+        values = yield self.store.get_many(["die", "n"])
+        self.assertEqual(values, {"die": None, "n": None})
+        result = yield self.store.commit([("incr", "n", 1)])
+        self.assertEqual(result.values, {"n": "1"})
+
+    @defer.inlineCallbacks
+    def test_a_commit_found_by_its_token_is_reported_committed(self):
+        """
+        The other outcome of the same resolution: the commit is in the
+        database (the connection broke after it was applied).
+        """
+        yield self.store.commit([("set", "a", "1")])
+        rows = self.raw().execute("SELECT token FROM txns").fetchall()
+        token = rows[0][0]
+        backend = self.store.backend
+        result = yield self.store.pool.runWithConnection(
+            lambda _: backend._resolve(self.store.pool, OSError("reset"), token, 0))
+        self.assertEqual((result.txid, result.values), (1, {"a": "1"}))
+
+    @defer.inlineCallbacks
+    def test_outcome_unknown_while_the_database_is_unreachable(self):
+        server = pg.own_server(self)
+        store = Store(server.new_database(), reactor)
+        store.startService()
+        self.addCleanup(lambda: store.running and store.stopService())
+        yield store.check()
+        yield deferToThreadStop(server)
+        backend = store.backend
+        failure = yield self.assertFailure(
+            store.pool.runWithConnection(
+                lambda _: backend._resolve(store.pool, OSError("reset"), "tok", 0)),
+            CommitOutcomeUnknown)
+        self.assertIn("cannot be asked", str(failure))
+        self.assertIn("commit token tok", str(failure))
+
+
+def deferToThreadStop(server):
+    from twisted.internet import threads
+
+    return threads.deferToThread(server.stop, "immediate")
+
+
+def deferToThreadStart(server):
+    from twisted.internet import threads
+
+    return threads.deferToThread(server.start)
