@@ -1,6 +1,7 @@
 """
-End to end: the transaction protocol on real C{twistd graceful} processes
-across SIGHUP upgrades, checked against the SQLite file itself.
+End to end: the transaction protocol and C{/kv} on real C{twistd graceful}
+processes across SIGHUP upgrades, checked against the database itself: each
+test runs on SQLite and on a real PostgreSQL (see C{tests/pg.py}).
 """
 
 import json
@@ -14,6 +15,7 @@ import time
 
 from twisted.trial import unittest
 
+from tests import pg
 from tests.e2e import ServerProcess, http_get
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -21,10 +23,18 @@ COMMITTED = re.compile(r"^250 committed txid=(\d+) ")
 DRAINING = re.compile(r"^421 closing: pid (\d+) generation (\d+) draining, reconnect$")
 
 
-def graceful(testcase, *extra):
+def graceful(testcase, *extra, db=None):
+    """
+    C{twistd graceful} on loopback with its own store: C{db}, else the
+    test's C{backend} (a fresh SQLite file, or a fresh PostgreSQL database).
+    """
     cwd = os.path.abspath(testcase.mktemp())
     os.makedirs(cwd)
-    db = os.path.join(cwd, "txn.sqlite3")
+    if db is None:
+        if getattr(testcase, "backend", "sqlite") == "postgresql":
+            db = pg.database_url(testcase)
+        else:
+            db = os.path.join(cwd, "txn.sqlite3")
     args = ["graceful", "--port", LOOPBACK, "--txn-port", LOOPBACK, "--db", db,
             "--slow-every", "0"] + list(extra)
     server = ServerProcess(testcase, args, cwd=cwd).start()
@@ -87,8 +97,11 @@ class TxnClient:
 
 def db_rows(path):
     """
-    (kv dict, list of txns rows as dicts) read straight from the file.
+    (kv dict, list of txns rows as dicts) read straight from the file or
+    the PostgreSQL database.
     """
+    if path.startswith("postgresql://"):
+        return pg.rows(path)
     conn = sqlite3.connect(path)
     try:
         kv = dict(conn.execute("SELECT key, value FROM kv"))
@@ -102,6 +115,8 @@ def db_rows(path):
 
 
 class TransactionAcrossUpgradeTests(unittest.TestCase):
+    backend = "sqlite"
+
     def test_transaction_open_at_sighup_commits_on_the_old_pid_once(self):
         """
         BEGIN before SIGHUP, COMMIT after the new generation serves: the old
@@ -270,6 +285,8 @@ class ClientLoop:
 
 
 class ManyTransactionsTests(unittest.TestCase):
+    backend = "sqlite"
+
     def test_300_transactions_across_3_upgrades(self):
         """
         Every acknowledged commit is in the database exactly once, nothing
@@ -321,3 +338,151 @@ class ManyTransactionsTests(unittest.TestCase):
         self.assertEqual(len(txns), len(loop.acked))
         self.assertEqual(kv["total"], str(len(loop.acked)))
         self.assertEqual({row["pid"] for row in txns}, set(pids))
+
+
+class KVAcrossUpgradesTests(unittest.TestCase):
+    backend = "sqlite"
+
+    def test_posts_across_upgrades_are_applied_exactly_once(self):
+        """
+        Clients POST /kv/<key> incr=1 on fresh connections while the server
+        upgrades twice: every POST is answered 200 and applied once; GET
+        /kv on the last generation sees the sum.
+        """
+        server = graceful(self)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        stop = threading.Event()
+        acked, errors = [0, 0, 0], []
+        progress = threading.Condition()
+
+        def client(i):
+            deadline = time.monotonic() + 120
+            for _ in range(5000):
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                try:
+                    status, body, _ = http_get(
+                        ports["http"], f"/kv/posts{i}", method="POST", body=b"incr=1",
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+                except OSError as e:
+                    errors.append(repr(e))
+                    continue
+                if status != 200 or not body.startswith("committed txid="):
+                    errors.append(f"{status} {body!r}")
+                    continue
+                with progress:
+                    acked[i] += 1
+                    progress.notify_all()
+
+        def wait_total(n):
+            deadline = time.monotonic() + 60
+            with progress:
+                while sum(acked) < n:
+                    self.assertLess(time.monotonic(), deadline, f"{acked} POSTs; errors {errors}")
+                    progress.wait(1.0)
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        self.addCleanup(stop.set)
+        pids = [pid]
+        for generation in (1, 2):
+            wait_total(40 * generation)
+            server.signal(pids[-1], signal.SIGHUP)
+            pids.append(server.wait_handover(generation))
+        wait_total(sum(acked) + 30)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        for i in range(3):
+            status, body, _ = http_get(ports["http"], f"/kv/posts{i}")
+            self.assertEqual((status, body), (200, f"{acked[i]}\n"))
+        server.signal(pids[-1], signal.SIGTERM)
+        server.wait_all_exited()
+        kv, txns = db_rows(server.db)
+        self.assertEqual(len(txns), sum(acked))
+        self.assertEqual({k: int(v) for k, v in kv.items()},
+                         {f"posts{i}": acked[i] for i in range(3)})
+
+
+class TransactionAcrossUpgradePostgresTests(TransactionAcrossUpgradeTests):
+    backend = "postgresql"
+
+
+class ManyTransactionsPostgresTests(ManyTransactionsTests):
+    backend = "postgresql"
+
+
+class KVAcrossUpgradesPostgresTests(KVAcrossUpgradesTests):
+    backend = "postgresql"
+
+
+class PostgresAvailabilityTests(unittest.TestCase):
+    """
+    The database is a separate server: it can be down when a generation
+    starts, or go away while one serves.
+    """
+
+    def setUp(self):
+        reason = pg.unavailable()
+        if reason:
+            raise unittest.SkipTest(reason)
+
+    def test_unreachable_at_start_fails_readiness_with_the_reason(self):
+        url = f"postgresql://graceful@127.0.0.1:{pg.free_port()}/nothing"
+        server = graceful(self, "--ready-timeout", "2", db=url)
+        server.wait_for(r"readiness check failed \(attempt 1\): PostgreSQL "
+                        + re.escape(url) + r": .*refused")
+        server.wait_for(r"not ready, giving up: PostgreSQL")
+        server.wait_all_exited()
+        self.assertNotEqual(server.proc.returncode, 0)
+
+    def test_database_down_during_upgrade_and_while_serving(self):
+        """
+        The database stops: a transaction's COMMIT and a POST get a clear
+        error (no 250, no 200); an upgrade fails its readiness check with the
+        reason and the old generation keeps serving. The database comes
+        back: the same generation commits again and the next upgrade works.
+        """
+        database = pg.own_server(self)
+        server = graceful(self, "--ready-timeout", "3", db=database.new_database())
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        client = TxnClient(ports["txn"])
+        self.addCleanup(client.close)
+        self.assertTrue(COMMITTED.match(client.ask("INCR n")))
+        self.assertEqual(client.ask("BEGIN"), "250 begin")
+        self.assertEqual(client.ask("INCR n"), "250 queued")
+
+        database.stop("immediate")
+        reply = client.ask("COMMIT")
+        self.assertTrue(reply.startswith("451 database busy (PostgreSQL "), reply)
+        self.assertTrue(reply.endswith("; nothing applied, try again"), reply)
+        status, body, _ = http_get(ports["http"], "/kv/n", method="POST", body=b"incr=1",
+                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 503)
+        self.assertTrue(body.startswith("not committed: PostgreSQL "), body)
+
+        mark = len(server.lines)
+        server.signal(pid, signal.SIGHUP)
+        server.wait_for(r"Upgrade failed: .* This generation keeps serving", start=mark)
+        server.wait_for(r"not ready, giving up: PostgreSQL .*", start=mark)
+        status, body, _ = http_get(ports["http"], "/")
+        self.assertEqual(status, 200)
+        self.assertIn(f"pid {pid} ", body)
+
+        database.start()
+        self.assertTrue(COMMITTED.match(client.ask("INCR n")))
+        self.assertEqual(client.ask("GET n"), "250 n=2")
+        client.close()
+        # The failed upgrade backs off: this SIGHUP starts it now or once the backoff ends.
+        mark = len(server.lines)
+        server.signal(pid, signal.SIGHUP)
+        server.wait_for(r"starting generation 2", start=mark)
+        new_pid = server.wait_handover(1)
+        status, body, _ = http_get(ports["http"], "/kv/n")
+        self.assertEqual((status, body), (200, "2\n"))
+        server.signal(new_pid, signal.SIGTERM)
+        server.wait_all_exited()

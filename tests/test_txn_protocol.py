@@ -15,7 +15,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from twisted_graceful.drain import CONNECTION, TRANSACTION, DrainTracker
-from twisted_graceful.store import CommitResult, Store, StoreBusy, apply_ops, keys_of
+from twisted_graceful.store import (
+    CommitOutcomeUnknown,
+    CommitResult,
+    Store,
+    StoreBusy,
+    apply_ops,
+    keys_of,
+)
 from twisted_graceful.drain import LINGER_SECONDS
 from twisted_graceful.txn import TxnFactory
 
@@ -37,6 +44,7 @@ class FakeStore:
         self.hold = False
         self.pending = []
         self.busy = False
+        self.unknown = False
 
     def _answer(self, compute):
         d = defer.Deferred()
@@ -68,6 +76,8 @@ class FakeStore:
         def apply():
             if self.busy:
                 raise StoreBusy("database is locked")
+            if self.unknown:
+                raise CommitOutcomeUnknown("the connection was lost during COMMIT")
             keys = keys_of(ops)
             values = apply_ops(ops, {k: self.data.get(k) for k in keys})
             for key in keys:
@@ -439,6 +449,14 @@ class BadInputTests(ProtocolTestCase):
         self.assertFalse(self.proto.in_transaction())
         self.store.busy = False
         self.assertEqual(self.ask("SET a 1"), ["250 committed txid=1 a=1"])
+
+    def test_commit_outcome_unknown_is_never_a_250_nor_nothing_applied(self):
+        self.store.unknown = True
+        self.send("BEGIN", "SET a 1")
+        self.assertEqual(self.ask("COMMIT")[-1],
+                         "451 outcome unknown: the connection was lost during COMMIT; check the "
+                         "data before you retry")
+        self.assertFalse(self.proto.in_transaction())
 
 
 class OrderingTests(ProtocolTestCase):

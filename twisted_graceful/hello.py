@@ -208,7 +208,7 @@ class KVResource(resource.Resource):
         committed transaction, answered with its txid once it is committed
         (a non-idempotent request, for checking nothing is applied twice).
         """
-        from twisted_graceful.store import TransactionFailed, parse_integer
+        from twisted_graceful.store import CommitOutcomeUnknown, TransactionFailed, parse_integer
 
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         try:
@@ -244,7 +244,10 @@ class KVResource(resource.Resource):
                 request.setResponseCode(409)
             else:
                 request.setResponseCode(503)
-            request.write(f"not committed: {failure.getErrorMessage()}\n".encode())
+            if failure.check(CommitOutcomeUnknown):
+                request.write(f"outcome unknown: {failure.getErrorMessage()}\n".encode())
+            else:
+                request.write(f"not committed: {failure.getErrorMessage()}\n".encode())
             request.finish()
 
         # Marked for the drain's hard deadline: cutting the connection now

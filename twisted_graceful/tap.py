@@ -19,7 +19,7 @@ from twisted_graceful.inherit import Inheritance
 from twisted_graceful.master import MasterService
 from twisted_graceful.statusfile import StatusFile
 from twisted_graceful.service import GracefulService
-from twisted_graceful.store import Store
+from twisted_graceful.store import Store, is_postgres, redact
 from twisted_graceful.txn import TxnFactory
 
 
@@ -34,6 +34,30 @@ def _positive(name, cast=float, allow_zero=False):
         return number
 
     return check
+
+
+def check_postgres_url(url):
+    """
+    A usage error for a PostgreSQL URL that cannot work (the server being
+    unreachable is found later, by the readiness check).
+    """
+    from urllib.parse import urlsplit
+
+    shown = redact(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError as e:
+        raise usage.UsageError(f"--db {shown}: {e}")
+    if not parts.hostname and "host=" not in parts.query:
+        raise usage.UsageError(f"--db {shown}: no host (postgresql://user@host:port/dbname)")
+    if not parts.path.strip("/"):
+        raise usage.UsageError(f"--db {shown}: no database name (postgresql://user@host:port/dbname)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise usage.UsageError(f"--db {shown}: PostgreSQL needs the psycopg driver "
+                               f"(pip install 'psycopg[binary]')")
 
 
 class Options(usage.Options):
@@ -61,8 +85,9 @@ class Options(usage.Options):
         ["slow-seconds", None, 10.0, "How long a slow request takes",
          _positive("slow-seconds", allow_zero=True)],
         ["txn-port", None, "tcp:8025", "Transaction protocol listener (same forms as --port)"],
-        ["db", None, "graceful.sqlite3", "SQLite file of the key/value store (shared by every "
-         "generation)"],
+        ["db", None, "graceful.sqlite3", "The key/value store, shared by every generation: a "
+         "SQLite file, or postgresql://user[:password]@host:port/dbname for one PostgreSQL "
+         "database shared by several hosts"],
         ["max-line", None, 8192, "Longest transaction protocol line, in bytes",
          _positive("max-line", int)],
         ["max-commands", None, 1000, "Most commands in one transaction",
@@ -90,9 +115,12 @@ class Options(usage.Options):
                 "metrics": ("--metrics-port", self["metrics-port"])}
 
     def postOptions(self):
-        self["db"] = os.path.abspath(self["db"])
-        if not os.path.isdir(os.path.dirname(self["db"])):
-            raise usage.UsageError(f"--db {self['db']}: the directory does not exist")
+        if is_postgres(self["db"]):
+            check_postgres_url(self["db"])
+        else:
+            self["db"] = os.path.abspath(self["db"])
+            if not os.path.isdir(os.path.dirname(self["db"])):
+                raise usage.UsageError(f"--db {self['db']}: the directory does not exist")
         if self["log-format"] not in logs.LOG_FORMATS:
             raise usage.UsageError(
                 f"--log-format must be one of {', '.join(logs.LOG_FORMATS)}, "

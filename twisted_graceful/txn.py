@@ -19,7 +19,13 @@ from twisted.protocols.policies import TimeoutMixin
 
 from twisted_graceful.drain import DrainableConnection, close_in_stages
 from twisted_graceful.slow import SlowWork, heartbeat
-from twisted_graceful.store import StoreBusy, TransactionFailed, apply_ops, parse_integer
+from twisted_graceful.store import (
+    CommitOutcomeUnknown,
+    StoreBusy,
+    TransactionFailed,
+    apply_ops,
+    parse_integer,
+)
 
 MAX_KEY_LENGTH = 250
 MAX_SLOW_SECONDS = 3600
@@ -466,6 +472,9 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
 
 
 def _store_error(failure):
+    if failure.check(CommitOutcomeUnknown):
+        # Neither "committed" nor "nothing applied" would be true.
+        return 451, (f"outcome unknown: {failure.value}; check the data before you retry")
     failure.trap(StoreBusy)
     return 451, f"database busy ({failure.value}); nothing applied, try again"
 
