@@ -358,17 +358,31 @@ async def txn_client(port, rec, stop, client_id, acked, unacked, timeout=10.0, m
         writer.close()
 
 
+def read_kv(db, prefix):
+    """
+    key -> value for the keys starting with C{prefix}, read straight from the
+    SQLite file or the PostgreSQL database (a C{postgresql://} URL).
+    """
+    if db.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(db, connect_timeout=30) as conn:
+            return dict(conn.execute("SELECT key, value FROM kv WHERE key LIKE %s",
+                                     (prefix + "%",)).fetchall())
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return dict(conn.execute("SELECT key, value FROM kv WHERE key LIKE ?", (prefix + "%",)))
+    finally:
+        conn.close()
+
+
 def check_commits(db, acked, unacked, rec):
     """
     Every acknowledged commit is in the database exactly once; nothing
     unacknowledged is.
     """
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        present = {k for (k,) in conn.execute("SELECT key FROM kv WHERE key LIKE 'bench:tx:%'")}
-        counters = dict(conn.execute("SELECT key, value FROM kv WHERE key LIKE 'bench:c%'"))
-    finally:
-        conn.close()
+    present = set(read_kv(db, "bench:tx:"))
+    counters = read_kv(db, "bench:c")
     lost = acked - present
     phantom = (present - acked) - unacked
     applied_unacked = present & unacked
@@ -390,11 +404,7 @@ def check_commits(db, acked, unacked, rec):
 
 
 def check_posts(db, acked, rec):
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        values = dict(conn.execute("SELECT key, value FROM kv WHERE key LIKE 'bench:post:%'"))
-    finally:
-        conn.close()
+    values = read_kv(db, "bench:post:")
     failed_posts = sum(1 for f in rec.failures if f[0] == "post")
     for client, count in acked.items():
         value = int(values.get(f"bench:post:{client}", 0))
