@@ -21,6 +21,13 @@ CONFIG = os.path.join(REPO, "contrib", "haproxy", "haproxy.cfg")
 
 
 def unavailable():
+    reason = _unavailable()
+    if reason and os.environ.get("GRACEFUL_REQUIRE_SERVERS"):
+        raise RuntimeError(f"GRACEFUL_REQUIRE_SERVERS is set (as .ci/run does) but {reason}")
+    return reason
+
+
+def _unavailable():
     """
     Why the HAProxy tests cannot run here, or L{None}.
     """

@@ -55,6 +55,13 @@ def _server_user():
 
 
 def unavailable():
+    reason = _unavailable()
+    if reason and os.environ.get("GRACEFUL_REQUIRE_SERVERS"):
+        raise RuntimeError(f"GRACEFUL_REQUIRE_SERVERS is set (as .ci/run does) but {reason}")
+    return reason
+
+
+def _unavailable():
     """
     Why the PostgreSQL tests cannot run here, or L{None}.
     """
