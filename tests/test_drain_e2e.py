@@ -243,3 +243,60 @@ class TransactionProtocolDrainTests(unittest.TestCase):
         kv, txns = db_rows(server.db)
         self.assertNotIn("stuck", kv)
         self.assertEqual(txns, [])
+
+
+class ShutdownDelayTests(unittest.TestCase):
+    """
+    --shutdown-delay: on SIGTERM/SIGINT, /healthz says 503 at once while the
+    server goes on accepting and serving; then it drains. SIGHUP never waits.
+    """
+
+    def healthz(self, port):
+        status, body, _ = http_get(port, "/healthz")
+        return status, body.split(" ")[0]
+
+    def test_sigterm_keeps_serving_with_healthz_503_then_drains(self):
+        server, pid, port = start(self, "--shutdown-delay", "60")
+        self.assertEqual(self.healthz(port), (200, "serving"))
+        server.signal(pid, signal.SIGTERM)
+        server.wait_for(rf"pid {pid} generation 1: shutting down: /healthz answers 503; still "
+                        rf"accepting and serving for 60 s \(--shutdown-delay\) before draining")
+        # New connections are still accepted and served, by the same process.
+        self.assertEqual(self.healthz(port), (503, "draining"))
+        status, body, _ = http_get(port, "/")
+        self.assertEqual((status, pid_in(body)), (200, pid))
+        self.assertEqual(server.count(r"no longer accepting"), 0)
+        # Asked again: no more waiting.
+        server.signal(pid, signal.SIGTERM)
+        server.wait_for(rf"pid {pid} generation 1: SIGTERM during the shutdown delay: "
+                        rf"draining now")
+        index, _ = server.wait_for(r"shutdown delay of 60 s over; draining")
+        server.wait_for(r"shutting down; no longer accepting", start=index)
+        server.wait_all_exited()
+
+    def test_sigint_waits_the_delay_out(self):
+        server, pid, port = start(self, "--shutdown-delay", "0.5")
+        server.signal(pid, signal.SIGINT)
+        index, _ = server.wait_for(rf"pid {pid} generation 1: shutting down: /healthz answers "
+                                   rf"503")
+        index, _ = server.wait_for(r"shutdown delay of 0.5 s over; draining", start=index)
+        server.wait_exit_line(pid)
+        server.wait_all_exited()
+
+    def test_sighup_does_not_wait_and_is_refused_during_the_delay(self):
+        server, pid, port = start(self, "--shutdown-delay", "60")
+        server.signal(pid, signal.SIGHUP)
+        new = server.wait_handover(1)
+        server.wait_exit_line(pid)  # the old generation drained at once
+        self.assertEqual(server.count(r"shutdown delay|--shutdown-delay"), 0)
+        server.signal(new, signal.SIGTERM)
+        index, _ = server.wait_for(rf"pid {new} generation 2: shutting down: /healthz answers "
+                                   rf"503")
+        server.signal(new, signal.SIGHUP)
+        server.wait_for(rf"pid {new} generation 2: SIGHUP ignored: shutting down \(in its "
+                        rf"--shutdown-delay\)", start=index)
+        self.assertEqual(self.healthz(port), (503, "draining"))
+        server.signal(new, signal.SIGTERM)
+        server.wait_for(r"draining now", start=index)
+        server.wait_all_exited()
+        self.assertEqual(server.count(r"starting generation 3"), 0)

@@ -264,8 +264,9 @@ class ScaleOutTests(unittest.TestCase):
             load.wait_progress()
         for host in hosts:  # out and back in
             old = host.stop()
-            old.wait_for(rf"pid {host.pid} generation {host.generation}: SIGTERM: /healthz "
-                         rf"answers 503; still serving for {SHUTDOWN_DELAY:g} s")
+            old.wait_for(rf"pid {host.pid} generation {host.generation}: shutting down: "
+                         rf"/healthz answers 503; still accepting and serving for "
+                         rf"{SHUTDOWN_DELAY:g} s")
             proxy.wait_status(host.name, "DOWN")
             old.wait_all_exited()
             load.wait_progress()

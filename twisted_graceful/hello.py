@@ -29,6 +29,7 @@ class ServerIdentity:
 
     @property
     def draining(self):
+        # Handed over, shutting down, or inside the shutdown delay.
         return self._service.draining
 
     def __str__(self):

@@ -38,8 +38,10 @@ from twisted_graceful.inherit import Inheritance
 from twisted_graceful.lifecycle import (
     DRAINING,
     EXITED,
+    SERVING,
     SHUTTING_DOWN,
     STARTING,
+    UPGRADING,
     Lifecycle,
     stop_reactor,
 )
@@ -122,7 +124,8 @@ class GracefulService(service.MultiService):
     def __init__(self, reactor=None, *, pidfile=None, ready_timeout=30.0, drain_timeout=60.0,
                  abort_grace=5.0, idle_grace=1.0, drain_mode=TRANSACTION, command=None,
                  environ=None, inheritance=None, reuse_port=False, backoff_base=1.0,
-                 backoff_max=60.0, install_signal_handlers=True, relay_output=True):
+                 backoff_max=60.0, install_signal_handlers=True, relay_output=True,
+                 shutdown_delay=0.0):
         service.MultiService.__init__(self)
         append_to_logfiles()  # before twistd opens its log file
         if reactor is None:
@@ -151,6 +154,10 @@ class GracefulService(service.MultiService):
             backoff_max=backoff_max, exit=stop_reactor(reactor))
         self._previous_sighup = None
         self._ready_pipe = None
+        # On a real stop, /healthz says 503 this long before the drain starts
+        # (while we go on accepting), so load balancers take us out first.
+        self.shutdown_delay = shutdown_delay
+        self._delaying_shutdown = None  # the IDelayedCall while it runs
 
     # --- configuration ----------------------------------------------------
     @property
@@ -167,7 +174,12 @@ class GracefulService(service.MultiService):
 
     @property
     def draining(self):
-        return self.lifecycle.state in (DRAINING, SHUTTING_DOWN, EXITED)
+        """
+        True once this generation is on its way out: draining, or inside its
+        shutdown delay (still serving, but /healthz says 503).
+        """
+        return (self.lifecycle.state in (DRAINING, SHUTTING_DOWN, EXITED)
+                or self._delaying_shutdown is not None)
 
     def add_listener(self, name, description, factory, option=None):
         """
@@ -385,6 +397,8 @@ class GracefulService(service.MultiService):
             return self.lifecycle.refuse_upgrade(
                 reason, f"this is a worker of the master pid {self.inheritance.parent_pid}: "
                         f"signal the master (the pidfile names it)")
+        if self._delaying_shutdown is not None:
+            return self.lifecycle.refuse_upgrade(reason, "shutting down (in its --shutdown-delay)")
         return self.lifecycle.request_upgrade(reason)
 
     def _next_command(self):
@@ -410,20 +424,57 @@ class GracefulService(service.MultiService):
             # The reactor is stopping already: its own handlers would raise.
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._signal_while_draining)
-        d = self.lifecycle.stop()
-        if self._ready_pipe is not None:
-            # Our listening ports are closed: the master may tell the world
-            # that the new workers alone accept.
-            self._ready_pipe.signal_stopped()
-            self._ready_pipe = None
+
+        def stop_now(_=None):
+            d = self.lifecycle.stop()
+            if self._ready_pipe is not None:
+                # Our listening ports are closed: the master may tell the world
+                # that the new workers alone accept.
+                self._ready_pipe.signal_stopped()
+                self._ready_pipe = None
+            return d
+
+        if self.shutdown_delay > 0 and self.lifecycle.state in (SERVING, UPGRADING):
+            d = self._delay_shutdown()
+            d.addCallback(stop_now)
+        else:
+            d = stop_now()
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(self._release_pidfile)
+        return d
+
+    def _delay_shutdown(self):
+        """
+        A real stop (SIGTERM, SIGINT; never an upgrade): /healthz answers 503
+        from now on, while the listeners go on accepting and serving for
+        C{shutdown_delay} seconds; then the drain starts as usual.
+        """
+        d = defer.Deferred()
+
+        def over():
+            self._delaying_shutdown = None
+            self.log.info("pid {pid} generation {gen}: shutdown delay of {s:g} s over; draining",
+                          pid=os.getpid(), gen=self.generation, s=self.shutdown_delay)
+            d.callback(None)
+
+        self._delaying_shutdown = self.reactor.callLater(self.shutdown_delay, over)
+        self.log.info(
+            "pid {pid} generation {gen}: shutting down: /healthz answers 503; still accepting "
+            "and serving for {s:g} s (--shutdown-delay) before draining",
+            pid=os.getpid(), gen=self.generation, s=self.shutdown_delay)
         return d
 
     def _signal_while_draining(self, signum, frame):
         self.reactor.callFromThread(self._already_draining, signal.Signals(signum).name)
 
     def _already_draining(self, name):
+        delay = self._delaying_shutdown
+        if delay is not None and delay.active():
+            # Asked twice: the operator does not want to wait.
+            self.log.warn("pid {pid} generation {gen}: {name} during the shutdown delay: "
+                          "draining now", pid=os.getpid(), gen=self.generation, name=name)
+            delay.reset(0)
+            return
         self.log.warn(
             "pid {pid} generation {gen}: {name} ignored: already draining {n} connection(s); "
             "the drain ends by --drain-timeout ({t} s) plus --abort-grace ({g} s) at the latest",

@@ -76,6 +76,10 @@ class Options(usage.Options):
          _positive("drain-timeout", allow_zero=True)],
         ["abort-grace", None, 5.0, "Seconds after --drain-timeout before what remains is cut",
          _positive("abort-grace", allow_zero=True)],
+        ["shutdown-delay", None, 0.0, "Seconds to go on accepting and serving after "
+         "SIGTERM/SIGINT, with /healthz answering 503, before draining (longer than the load "
+         "balancer's health-check interval x fall; upgrades by SIGHUP do not wait)",
+         _positive("shutdown-delay", allow_zero=True)],
         ["idle-grace", None, 1.0, "Seconds an idle keep-alive connection may still send one "
          "request once draining starts", _positive("idle-grace", allow_zero=True)],
         ["drain", None, "transaction", "Drain level: transaction (close each connection at "
@@ -201,6 +205,7 @@ def makeService(options):
         drain_mode=options["drain"],
         command=command,
         inheritance=options.inheritance,
+        shutdown_delay=options["shutdown-delay"],
     )
     identity = ServerIdentity(graceful)
     # A child of the GracefulService: it stops only once every connection drained.
