@@ -86,6 +86,7 @@ class BenchHost:
         os.kill(self.pid, signal.SIGTERM)
         await asyncio.wait_for(self.server._reader, 120)  # EOF: every generation exited
         await self.server.proc.wait()
+        return time.monotonic()
 
     async def kill(self):
         for server in self.servers:
@@ -136,8 +137,7 @@ async def run_variant(name, opts, database, workdir):
                 t0 = time.monotonic()
                 stopping = asyncio.ensure_future(host.stop_and_wait())
                 t_down = await wait_status(proxy, host.name, "DOWN")
-                await stopping
-                t_exit = time.monotonic()
+                t_exit = await stopping
                 await host.start()
                 t_started = time.monotonic()
                 t_up = await wait_status(proxy, host.name, "UP")
