@@ -435,7 +435,7 @@ class PostgresAvailabilityTests(unittest.TestCase):
         server = graceful(self, "--ready-timeout", "2", db=url)
         server.wait_for(r"readiness check failed \(attempt 1\): PostgreSQL "
                         + re.escape(url) + r": .*refused")
-        server.wait_for(r"not ready, giving up: PostgreSQL")
+        server.wait_for(r"not ready after \d+ attempt\(s\), giving up: PostgreSQL")
         server.wait_all_exited()
         self.assertNotEqual(server.proc.returncode, 0)
 
@@ -468,7 +468,7 @@ class PostgresAvailabilityTests(unittest.TestCase):
         mark = len(server.lines)
         server.signal(pid, signal.SIGHUP)
         server.wait_for(r"Upgrade failed: .* This generation keeps serving", start=mark)
-        server.wait_for(r"not ready, giving up: PostgreSQL .*", start=mark)
+        server.wait_for(r"not ready after \d+ attempt\(s\), giving up: PostgreSQL .*", start=mark)
         status, body, _ = http_get(ports["http"], "/")
         self.assertEqual(status, 200)
         self.assertIn(f"pid {pid} ", body)
