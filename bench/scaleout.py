@@ -17,6 +17,7 @@ how many connections it found refused (econ) and retried or redispatched.
 The transactions and POSTs are checked exactly-once in PostgreSQL.
 
     python -m bench.scaleout --cycles 5 --json scaleout.json
+    python -m bench.scaleout --cycles 5 --workers 0     # hosts without a master
     python -m bench.scaleout --cycles 1 --variants delay,nodelay   # a quick look
 
 Needs PostgreSQL's server binaries and haproxy (apt-get install postgresql
@@ -53,13 +54,21 @@ VARIANTS = {
 
 
 class BenchHost:
-    def __init__(self, name, address, http_port, txn_port, db, shutdown_delay, workdir):
+    """
+    One host: a master with C{workers} workers, or (0) the self-replacing
+    process; C{pid} is the process to signal.
+    """
+
+    def __init__(self, name, address, http_port, txn_port, db, shutdown_delay, workdir,
+                 workers=1):
         self.name = name
+        self.workers = workers
         self.cwd = tempfile.mkdtemp(dir=workdir, prefix=name + "-")
         self.args = ["graceful", "--port", f"tcp:{http_port}:interface={address}",
                      "--txn-port", f"tcp:{txn_port}:interface={address}",
                      "--metrics-port", f"tcp:0:interface={address}", "--db", db,
-                     "--slow-every", "0", "--shutdown-delay", f"{shutdown_delay:g}"]
+                     "--slow-every", "0", "--shutdown-delay", f"{shutdown_delay:g}",
+                     "--workers", str(workers)]
         self.server = None
         self.pid = None
         self.generation = 1
@@ -68,17 +77,27 @@ class BenchHost:
     async def start(self):
         self.server = await Server(self.args, self.cwd, name=self.name).start()
         self.servers.append(self.server)
-        self.pid, _ = await self.server.ports()
-        await self.server.wait_for(r"generation 1: serving", 60)
+        if self.workers:
+            _, _, m = await self.server.wait_for(r"master pid (\d+): listening on", 60)
+            self.pid = int(m.group(1))
+            await self.server.wait_for(rf"master pid {self.pid}: workers generation 1 serve", 60)
+        else:
+            self.pid, _ = await self.server.ports()
+            await self.server.wait_for(r"generation 1: serving", 60)
         self.generation = 1
 
     async def upgrade(self):
         mark = len(self.server.lines)
         t0 = time.monotonic()
         os.kill(self.pid, signal.SIGHUP)
-        _, t_ready, m = await self.server.wait_for(
-            rf"generation {self.generation + 1} \(pid (\d+)\) is ready after", 120, mark)
-        self.pid = int(m.group(1))
+        if self.workers:
+            _, t_ready, _ = await self.server.wait_for(
+                rf"master pid {self.pid}: workers generation {self.generation + 1} are ready "
+                rf"after", 120, mark)
+        else:
+            _, t_ready, m = await self.server.wait_for(
+                rf"generation {self.generation + 1} \(pid (\d+)\) is ready after", 120, mark)
+            self.pid = int(m.group(1))
         self.generation += 1
         return t_ready - t0
 
@@ -107,7 +126,8 @@ async def run_variant(name, opts, database, workdir):
     db = database.new_database()
     addresses = list(HOSTS.values())
     http_port, txn_port = common_free_port(addresses), common_free_port(addresses)
-    hosts = [BenchHost(h, a, http_port, txn_port, db, config["shutdown_delay"], workdir)
+    hosts = [BenchHost(h, a, http_port, txn_port, db, config["shutdown_delay"], workdir,
+                       workers=opts.workers)
              for h, a in HOSTS.items()]
     proxy = lb.HAProxy(HOSTS, http_port, txn_port, retries=config["retries"])
     result = {"variant": name, "shutdown_delay": config["shutdown_delay"],
@@ -220,6 +240,7 @@ async def main_async(opts):
     workdir = tempfile.mkdtemp(prefix="graceful-scaleout-")
     database = pg.PostgresServer().init().start()
     report = {"config": f"{opts.cycles} upgrades and {opts.cycles} take-outs per host, "
+                        f"--workers {opts.workers}, "
                         f"{opts.clients} clients per load mode, {os.cpu_count()} cores, python "
                         f"{sys.version.split()[0]}",
               "variants": []}
@@ -241,6 +262,9 @@ def parse_args(argv=None):
                    help="in-place upgrades, then take-out/put-back cycles, per host")
     p.add_argument("--variants", default="delay,nodelay,delay-noretry,nodelay-noretry")
     p.add_argument("--clients", type=int, default=2, help="clients per load mode")
+    p.add_argument("--workers", type=int, default=1,
+                   help="--workers of each host (1, the server's default: a master and one "
+                        "worker; 0: the self-replacing process)")
     p.add_argument("--interval", type=float, default=1.5, help="seconds between actions")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--max-seconds", type=float, default=1800, help="bound on the whole run")

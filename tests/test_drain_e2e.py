@@ -300,3 +300,62 @@ class ShutdownDelayTests(unittest.TestCase):
         server.wait_for(r"draining now", start=index)
         server.wait_all_exited()
         self.assertEqual(server.count(r"starting generation 3"), 0)
+
+
+def start_master(testcase, *extra):
+    """
+    `twistd graceful --workers 1`: (server, master pid, worker pid, HTTP port).
+    """
+    server = ServerProcess(
+        testcase, ["graceful", "--port", LOOPBACK, "--slow-every", "0", "--workers", "1"]
+        + list(extra)).start()
+    _, m = server.wait_for(r"master pid (\d+): listening on http=tcp:127\.0\.0\.1:(\d+)")
+    master, port = int(m.group(1)), int(m.group(2))
+    _, m = server.wait_for(r"master pid \d+: workers generation 1 serve \(pids (\d+)\)")
+    return server, master, int(m.group(1)), port
+
+
+class MasterShutdownDelayTests(unittest.TestCase):
+    """
+    The same with a master: its SIGTERM makes every worker say 503 and go on
+    serving for the delay; an upgrade (new workers, the old ones drain) never
+    waits.
+    """
+
+    healthz = ShutdownDelayTests.healthz
+
+    def test_sigterm_to_the_master_workers_say_503_and_serve_then_drain(self):
+        server, master, worker, port = start_master(self, "--shutdown-delay", "60")
+        self.assertEqual(self.healthz(port), (200, "serving"))
+        server.signal(master, signal.SIGTERM)
+        index, _ = server.wait_for(rf"master pid {master}: shutting down: the workers' "
+                                   rf"/healthz answers 503; still accepting and serving for 60 s")
+        server.wait_for(rf"pid {worker} generation 1: the master is shutting down: /healthz "
+                        rf"answers 503", start=index)
+        self.assertEqual(self.healthz(port), (503, "draining"))
+        status, body, _ = http_get(port, "/")
+        self.assertEqual((status, pid_in(body)), (200, worker))
+        server.signal(master, signal.SIGHUP)
+        server.wait_for(rf"master pid {master}: SIGHUP ignored: shutting down \(in its "
+                        rf"--shutdown-delay\)", start=index)
+        server.signal(master, signal.SIGTERM)
+        server.wait_for(rf"master pid {master}: SIGTERM during the shutdown delay: the workers "
+                        rf"drain now", start=index)
+        server.wait_all_exited()
+        self.assertEqual(server.count(r"workers generation 2"), 0)
+
+    def test_an_upgrade_retires_the_old_workers_at_once(self):
+        server, master, worker, port = start_master(self, "--shutdown-delay", "60")
+        server.signal(master, signal.SIGHUP)
+        _, m = server.wait_for(rf"master pid {master}: workers generation 2 are ready after "
+                               rf"\d+ ms \(pids (\d+)\)")
+        new = int(m.group(1))
+        server.wait_exit_line(worker)  # drained at once, not 60 s later
+        self.assertEqual(server.count(r"shutdown delay|--shutdown-delay|the master is shutting down"), 0)
+        self.assertEqual(self.healthz(port), (200, "serving"))
+        status, body, _ = http_get(port, "/")
+        self.assertEqual((status, pid_in(body)), (200, new))
+        server.signal(master, signal.SIGTERM)
+        server.wait_for(rf"pid {new} generation 2: the master is shutting down")
+        server.signal(master, signal.SIGINT)
+        server.wait_all_exited()

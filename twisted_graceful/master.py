@@ -551,8 +551,12 @@ class MasterService(service.Service):
                  drain_timeout=60.0, abort_grace=5.0, command=None, environ=None,
                  backoff_base=1.0, backoff_max=60.0, install_signal_handlers=True,
                  relay_output=True, reexec_command=None, preflight_command=None, adopted=(),
-                 generation=1):
+                 generation=1, shutdown_delay=0.0):
         self.reactor = reactor
+        # On SIGTERM/SIGINT the workers say 503 on /healthz and go on serving
+        # this long before they drain (see GracefulService.shutdown_delay).
+        self.shutdown_delay = shutdown_delay
+        self._delaying_shutdown = None
         self.listeners = listeners
         self.pidfile = os.path.abspath(pidfile) if pidfile else None
         self.ready_timeout = ready_timeout
@@ -622,6 +626,8 @@ class MasterService(service.Service):
         return {name: f"{name}={describe_socket(sock)}" for name, sock in self.listeners.items()}
 
     def upgrade(self, reason="upgrade requested"):
+        if self._delaying_shutdown is not None:
+            return self.master.refuse_upgrade(reason, "shutting down (in its --shutdown-delay)")
         return self.master.request_upgrade(reason)
 
     def _next_command(self):
@@ -655,6 +661,8 @@ class MasterService(service.Service):
             why = "this master cannot re-execute itself (no command line to run)"
         elif self._reexecuting:
             why = "a re-exec is already in progress"
+        elif self._delaying_shutdown is not None:
+            why = "shutting down (in its --shutdown-delay)"
         elif self.master.state != SERVING:
             why = f"the master is {self.master.state}"
         elif self.master.replacing:
@@ -723,6 +731,63 @@ class MasterService(service.Service):
     def _exit(self):
         stop_reactor(self.reactor)()
 
+    # --- the shutdown delay -------------------------------------------------
+    def _delay_shutdown(self):
+        """
+        Every serving worker answers 503 on /healthz from now on (it gets
+        L{twisted_graceful.service.SHUTTING_DOWN_SIGNAL}) and goes on serving; C{shutdown_delay}
+        seconds later the workers drain as on any stop. A second SIGTERM or
+        SIGINT ends the delay at once.
+        """
+        import signal
+
+        d = defer.Deferred()
+
+        def over():
+            self._delaying_shutdown = None
+            self.log.info("master pid {pid}: shutdown delay of {s:g} s over", pid=os.getpid(),
+                          s=self.shutdown_delay)
+            d.callback(None)
+
+        self._delaying_shutdown = self.reactor.callLater(self.shutdown_delay, over)
+        self.log.info(
+            "master pid {pid}: shutting down: the workers' /healthz answers 503; still accepting "
+            "and serving for {s:g} s (--shutdown-delay) before they drain",
+            pid=os.getpid(), s=self.shutdown_delay)
+        current = self.master.current.workers if self.master.current else []
+        for worker in current + self.master.replacing:
+            self._tell_shutting_down(worker.pid)
+        self.add_observer(self._worker_ready_while_delaying)
+        if self.install_signal_handlers:
+            # The reactor is stopping already: its own handlers would raise.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda n, f: self.reactor.callFromThread(
+                    self._signal_while_stopping, signal.Signals(n).name))
+        return d
+
+    def _tell_shutting_down(self, pid):
+        from twisted_graceful.service import SHUTTING_DOWN_SIGNAL
+
+        try:
+            os.kill(pid, SHUTTING_DOWN_SIGNAL)
+        except OSError:
+            pass  # gone already: the master hears of it
+
+    def _worker_ready_while_delaying(self, event, **details):
+        # A replacement for a worker that died meanwhile says 503 too.
+        if event == "worker-ready" and self._delaying_shutdown is not None:
+            self._tell_shutting_down(details["worker_pid"])
+
+    def _signal_while_stopping(self, name):
+        delay = self._delaying_shutdown
+        if delay is not None and delay.active():
+            self.log.warn("master pid {pid}: {name} during the shutdown delay: the workers drain "
+                          "now", pid=os.getpid(), name=name)
+            delay.reset(0)
+        else:
+            self.log.warn("master pid {pid}: {name} ignored: the workers are draining already",
+                          pid=os.getpid(), name=name)
+
     def _exit_with(self, status):
         if self.pidfile:
             remove_pidfile_if_own(self.pidfile)
@@ -732,7 +797,11 @@ class MasterService(service.Service):
 
     def stopService(self):
         service.Service.stopService(self)
-        d = self.master.stop()
+        if self.shutdown_delay > 0 and self.master.state == SERVING:
+            d = self._delay_shutdown()
+            d.addCallback(lambda _: self.master.stop())
+        else:
+            d = self.master.stop()
 
         def close(result):
             for sock in self.listeners.values():

@@ -41,7 +41,6 @@ from twisted_graceful.lifecycle import (
     SERVING,
     SHUTTING_DOWN,
     STARTING,
-    UPGRADING,
     Lifecycle,
     stop_reactor,
 )
@@ -107,6 +106,22 @@ class ListeningPorts:
 
     def descriptions(self):
         return OrderedDict((name, l.describe()) for name, l in self.listeners.items())
+
+
+# What a master sends its workers when its shutdown delay starts: a real-time
+# signal nobody sends by accident (a terminal sends SIGWINCH to the whole
+# process group, SIGUSR1 is twistd's log rotation, SIGUSR2 re-executes a
+# master); SIGUSR2 where there are no real-time signals.
+SHUTTING_DOWN_SIGNAL = (signal.SIGRTMIN + 1) if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
+
+class _Pending:
+    """
+    Stands for a shutdown delay that another process (the master) runs.
+    """
+
+    def active(self):
+        return False
 
 
 class GracefulService(service.MultiService):
@@ -262,6 +277,22 @@ class GracefulService(service.MultiService):
     def _install_sighup(self):
         if self.install_signal_handlers and self._previous_sighup is None:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            if self.is_worker:
+                signal.signal(SHUTTING_DOWN_SIGNAL, self._master_shutting_down)
+
+    def _master_shutting_down(self, signum, frame):
+        self.reactor.callFromThread(self.master_shutting_down)
+
+    def master_shutting_down(self):
+        """
+        A worker's master is in its --shutdown-delay: answer 503 on /healthz
+        from now on and go on serving; the master's SIGTERM starts the drain.
+        """
+        if self._delaying_shutdown is None:
+            self._delaying_shutdown = _Pending()
+            self.log.info("pid {pid} generation {gen}: the master is shutting down: /healthz "
+                          "answers 503; still serving until it says drain",
+                          pid=os.getpid(), gen=self.generation)
 
     def startService(self):
         inh = self.acquire()
@@ -434,7 +465,10 @@ class GracefulService(service.MultiService):
                 self._ready_pipe = None
             return d
 
-        if self.shutdown_delay > 0 and self.lifecycle.state in (SERVING, UPGRADING):
+        # A master's worker never waits here: its master had the delay (and
+        # SIGTERMs a worker of an older set at once after an upgrade). During
+        # an upgrade, stopping at once also stops the unready next generation.
+        if self.shutdown_delay > 0 and self.lifecycle.state == SERVING and not self.is_worker:
             d = self._delay_shutdown()
             d.addCallback(stop_now)
         else:

@@ -255,6 +255,7 @@ def make_master(options, reactor, pidfile, command, twistd_config):
         ready_timeout=options["ready-timeout"], drain_timeout=options["drain-timeout"],
         abort_grace=options["abort-grace"], command=command, reexec_command=reexec_command,
         preflight_command=preflight_command, adopted=inh.workers, generation=inh.generation,
+        shutdown_delay=options["shutdown-delay"],
     )
     metrics.install_master(master)  # the directory the workers' /metrics sum
     StatusFile(master)
