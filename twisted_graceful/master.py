@@ -749,20 +749,21 @@ class MasterService(service.Service):
                           s=self.shutdown_delay)
             d.callback(None)
 
+        if self.install_signal_handlers:
+            # The reactor is stopping already: its own handlers would raise.
+            # Installed first: once a worker says it heard us, so will we.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda n, f: self.reactor.callFromThread(
+                    self._signal_while_stopping, signal.Signals(n).name))
         self._delaying_shutdown = self.reactor.callLater(self.shutdown_delay, over)
         self.log.info(
             "master pid {pid}: shutting down: the workers' /healthz answers 503; still accepting "
             "and serving for {s:g} s (--shutdown-delay) before they drain",
             pid=os.getpid(), s=self.shutdown_delay)
+        self.add_observer(self._worker_ready_while_delaying)
         current = self.master.current.workers if self.master.current else []
         for worker in current + self.master.replacing:
             self._tell_shutting_down(worker.pid)
-        self.add_observer(self._worker_ready_while_delaying)
-        if self.install_signal_handlers:
-            # The reactor is stopping already: its own handlers would raise.
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda n, f: self.reactor.callFromThread(
-                    self._signal_while_stopping, signal.Signals(n).name))
         return d
 
     def _tell_shutting_down(self, pid):
