@@ -76,8 +76,11 @@ class Host:
                                         rf"\(pids ([\d, ]+)\)")
             self.serving.append({int(p) for p in m.group(1).split(", ")})
         else:
-            self.pid, _ = self.server.wait_listening()
-            self.server.wait_ready(1)
+            # By its own output: the status file beside the pidfile still
+            # holds the entries of the processes this host ran before.
+            _, m = self.server.wait_for(r"pid (\d+) generation 1: (?:listening on|inherited)")
+            self.pid = int(m.group(1))
+            self.server.wait_for(rf"pid {self.pid} generation 1: serving")
             self.serving.append({self.pid})
         self.generation = 1
         return self
@@ -91,12 +94,19 @@ class Host:
                 rf"after \d+ ms \(pids ([\d, ]+)\)", start=mark)
             self.serving.append({int(p) for p in m.group(1).split(", ")})
         else:
-            self.pid = self.server.wait_handover(self.generation)
+            _, m = self.server.wait_for(
+                rf"pid {self.pid} generation {self.generation}: stopped accepting; pid (\d+) "
+                rf"\(generation {self.generation + 1}\) serves now", start=mark)
+            self.pid = int(m.group(1))
             self.serving.append({self.pid})
         self.generation += 1
 
     def stop(self):
-        self.server.signal(self.pid, signal.SIGTERM)
+        try:
+            self.server.signal(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            raise AssertionError(f"{self.name}: pid {self.pid} is gone; output:\n"
+                                 + self.server.output(200))
         return self.server
 
     def wait_delay_started(self, server, seconds):
