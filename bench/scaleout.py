@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -252,6 +253,7 @@ async def main_async(opts):
             report["variants"].append(summarize(result))
     finally:
         database.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
     return report
 
 
