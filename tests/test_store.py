@@ -425,3 +425,36 @@ def deferToThreadStart(server):
     from twisted.internet import threads
 
     return threads.deferToThread(server.start)
+
+
+class PostgresURLOptionTests(unittest.TestCase):
+    """
+    --db: a postgresql:// URL that cannot work is a usage error naming it,
+    without its password; a path stays SQLite.
+    """
+
+    def check(self, url):
+        from twisted.python import usage
+
+        from twisted_graceful.tap import check_postgres_url
+
+        with self.assertRaises(usage.UsageError) as e:
+            check_postgres_url(url)
+        return str(e.exception)
+
+    def test_a_port_that_is_not_a_number(self):
+        text = self.check("postgresql://app:s3cret@db:port/kv")
+        self.assertIn("--db postgresql://app:***@db:port/kv", text)
+        self.assertNotIn("s3cret", text)
+
+    def test_no_database_name(self):
+        self.assertIn("no database name", self.check("postgresql://app@db:5432/"))
+
+    def test_no_host(self):
+        self.assertIn("no host", self.check("postgresql:///kv"))
+
+    def test_a_good_url_passes(self):
+        from twisted_graceful.tap import check_postgres_url
+
+        check_postgres_url("postgres://app:pw@db.internal:5432/kv")
+        check_postgres_url("postgresql:///kv?host=/run/postgresql")
