@@ -419,11 +419,12 @@ class ForgetHandoffTests(SynchronousTestCase):
     def test_coversEveryHandoffVariable(self):
         """
         Every variable is forgotten once read, but the master's re-exec
-        count, which stays for its next image.
+        count, which stays for its next image, and the number of workers,
+        which a worker reads when it needs it.
         """
         names = {getattr(handoff, n) for n in dir(handoff) if n.endswith("_ENV")}
         self.assertEqual(names, set(HANDOFF_VARIABLES) | set(handoff.MASTER_VARIABLES)
-                         | {handoff.MASTER_EXECS_ENV})
+                         | {handoff.MASTER_EXECS_ENV, handoff.WORKERS_ENV})
 
 
 def _close_quietly(fd):

@@ -287,3 +287,40 @@ class GracefulServiceTests(unittest.TestCase):
         spawned["proto"].processEnded(Failure(ProcessTerminated(signal=15)))
         self.successResultOf(d)
         self.assertEqual(self.service.state, "exited")
+
+
+class AcceptOneAtATimeTests(unittest.TestCase):
+    """
+    Workers sharing a listening socket take one connection per wake-up, so
+    that one worker does not take every queued connection.
+    """
+
+    def test_one_connection_per_wake_up(self):
+        from twisted.internet import reactor
+
+        from twisted_graceful._twisted import accept_one_at_a_time
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.setblocking(False)
+        accepted = []
+
+        class Count(protocol.Protocol):
+            def connectionMade(self):
+                accepted.append(self)
+                self.transport.abortConnection()
+
+        port = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET,
+                                       protocol.Factory.forProtocol(Count))
+        self.addCleanup(port.stopListening)
+        port.stopReading()  # the test calls doRead itself
+        sock.close()
+        accept_one_at_a_time(port)
+        clients = [socket.create_connection(port.socket.getsockname()) for _ in range(3)]
+        for client in clients:
+            self.addCleanup(client.close)
+        port.doRead()
+        self.assertEqual(len(accepted), 1)
+        port.doRead()  # Twisted raised numberAccepts after the first: still one
+        self.assertEqual(len(accepted), 2)

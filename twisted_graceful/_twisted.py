@@ -7,6 +7,10 @@ else (docs/design.md, "What the code relies on").
     C{connectionLost}. Closing a listening port must never C{shutdown(2)} the
     socket (that stops it in every process sharing it) nor unlink a UNIX
     socket's path (the next generation serves it).
+  - L{accept_one_at_a_time}: C{tcp.Port.numberAccepts}. A port accepts up
+    to 100 queued connections per wake-up (and more each time it empties the
+    queue): with several workers on one listening socket, the first to wake
+    takes every queued connection and the others none.
   - L{ClosedPort}: stands in for a port after C{stopListening}.
   - L{protect_twistd_pidfile}: twistd's C{UnixApplicationRunner.removePID}
     removes the pidfile at exit without looking whose PID it holds.
@@ -52,6 +56,27 @@ def adopt_listening_port(reactor, sock, factory):
     if sock.family == socket.AF_UNIX:
         # tcp.Port.connectionLost closes without unlinking the path.
         port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
+    return port
+
+
+def accept_one_at_a_time(port):
+    """
+    Make C{port} accept one connection per readiness event, so that workers
+    sharing a listening socket share its connections: the kernel wakes every
+    worker waiting on the socket, each takes one, and a busy worker (not
+    waiting) takes fewer. nginx does the same by default
+    (C{multi_accept off}).
+    """
+    if not hasattr(port, "numberAccepts"):
+        return port  # not a tcp.Port or unix.Port (a test's fake)
+    accept = port.doRead
+
+    def doRead():
+        port.numberAccepts = 1  # Twisted raises it after a wake-up that emptied the queue
+        return accept()
+
+    port.numberAccepts = 1
+    port.doRead = doRead
     return port
 
 

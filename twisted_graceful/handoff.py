@@ -38,6 +38,7 @@ MASTER_LISTENERS_ENV = "GRACEFUL_MASTER_LISTENERS"  # "http=7,txn=8": its listen
 MASTER_WORKERS_ENV = "GRACEFUL_MASTER_WORKERS"  # "pid:generation,...": the serving workers
 MASTER_EXECS_ENV = "GRACEFUL_MASTER_EXECS"  # how many times the master re-executed itself
 MASTER_VARIABLES = (MASTER_LISTENERS_ENV, MASTER_WORKERS_ENV)
+WORKERS_ENV = "GRACEFUL_WORKERS"  # how many workers a master runs (in each worker's environment)
 SUCCESSOR = "successor"
 WORKER = "worker"
 ROLES = (SUCCESSOR, WORKER)

@@ -639,10 +639,12 @@ class MasterService(service.Service):
         executable, args = self._next_command()
         proto = NextGenerationProcess(master, relay=self.relay_output, reactor=self.reactor,
                                       kill_grace=self.abort_grace)
+        environ = dict(self.environ)
+        environ[handoff.WORKERS_ENV] = str(master.size)  # siblings share accepts
         spawn_next_generation(
             self.reactor, proto, executable, args,
             {name: sock.fileno() for name, sock in self.listeners.items()},
-            None, self.environ, generation, self.pidfile, self.ready_timeout, self.cwd,
+            None, environ, generation, self.pidfile, self.ready_timeout, self.cwd,
             role=handoff.WORKER)
         return proto
 

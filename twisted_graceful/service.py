@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted_graceful import lineage as L
 from twisted_graceful._twisted import (
     ClosedPort,
+    accept_one_at_a_time,
     adopt_listening_port,
     append_to_logfiles,
     protect_twistd_pidfile,
@@ -33,7 +34,7 @@ from twisted_graceful._twisted import (
 from twisted_graceful.child import ReadyPipe, take_over_stdio
 from twisted_graceful.command import next_generation_command, twistd_config_from_argv
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
-from twisted_graceful.handoff import WORKER
+from twisted_graceful.handoff import WORKER, WORKERS_ENV
 from twisted_graceful.inherit import Inheritance
 from twisted_graceful.lifecycle import (
     DRAINING,
@@ -263,6 +264,13 @@ class GracefulService(service.MultiService):
             self.lifecycle.lineage = self.lineage
         return inh
 
+    def _sibling_workers(self):
+        """
+        Does our master run other workers beside us (C{GRACEFUL_WORKERS})?
+        """
+        text = self.environ.get(WORKERS_ENV, "1")
+        return text.isdigit() and int(text) > 1
+
     @property
     def is_worker(self):
         return self.inheritance is not None and self.inheritance.role == WORKER
@@ -305,6 +313,9 @@ class GracefulService(service.MultiService):
             # alone until we know we can serve it too.
             listener.port = adopt_listening_port(
                 self.reactor, inh.sockets[listener.name], listener.factory)
+            if self.is_worker and self._sibling_workers():
+                # Workers share each listening socket: share its connections.
+                accept_one_at_a_time(listener.port)
         self.log.info(
             "pid {pid} generation {gen}: {how} {listeners}",
             pid=os.getpid(), gen=self.generation,
