@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -632,6 +633,18 @@ def metric_value(text, name, **labels):
 def pid_in(body):
     m = re.search(r"pid (\d+)", body)
     return int(m.group(1)) if m else None
+
+
+def short_temp_dir(testcase):
+    """
+    A new directory with a short path, removed after the test: AF_UNIX socket
+    paths hold at most 107 bytes, and a clone at an ordinary path (say
+    /home/<user>/src/...) puts trial's _trial_temp beyond that.
+    """
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    path = tempfile.mkdtemp(prefix="tg-", dir=base)
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def free_port():

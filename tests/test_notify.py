@@ -16,6 +16,8 @@ from twisted_graceful.notify import SdNotifier, install_sd_notify, notify_addres
 from twisted_graceful.service import GracefulService
 from twisted_graceful.lifecycle import UpgradeOutcome
 
+from tests.e2e import short_temp_dir
+
 
 class NotifySocket:
     def __init__(self, testcase, abstract=False):
@@ -26,9 +28,7 @@ class NotifySocket:
             self.sock.bind("\0" + name)
             self.env_value = "@" + name
         else:
-            directory = os.path.abspath(testcase.mktemp())
-            os.makedirs(directory)
-            path = os.path.join(directory, "notify")
+            path = os.path.join(short_temp_dir(testcase), "notify")
             self.sock.bind(path)
             self.env_value = path
         self.sock.settimeout(5)
@@ -65,8 +65,21 @@ class SdNotifyTests(unittest.TestCase):
         self.assertFalse(sd_notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"}))
         self.assertFalse(sd_notify("READY=1", {"NOTIFY_SOCKET": "relative/path"}))
 
+    def test_socket_path_is_short_from_a_long_checkout(self):
+        # A clone at /home/<user>/src/... puts _trial_temp deep enough that
+        # AF_UNIX paths under it (107 bytes at most) cannot be bound.
+        deep = os.path.abspath(self.mktemp())
+        deep = os.path.join(deep, *(["a-long-directory-name"] * 6))
+        os.makedirs(deep)
+        here = os.getcwd()
+        os.chdir(deep)
+        self.addCleanup(os.chdir, here)
+        server = NotifySocket(self)
+        self.assertTrue(sd_notify("READY=1", server.environ))
+        self.assertEqual(server.receive(), "READY=1")
+
     def test_nobody_listening_is_not_an_error(self):
-        path = os.path.join(os.path.abspath(self.mktemp()), "gone")
+        path = os.path.join(short_temp_dir(self), "gone")
         self.assertFalse(sd_notify("READY=1", {"NOTIFY_SOCKET": path}))
 
 
