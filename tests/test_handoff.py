@@ -4,6 +4,7 @@ hands to the next, and its validation.
 """
 
 import os
+import resource
 import socket
 import tempfile
 
@@ -117,6 +118,20 @@ class ParseListenerMapTests(SynchronousTestCase):
 
     def test_stderrRejected(self):
         self.assertRejected("http=2", "fd 2 is stdin/stdout/stderr")
+
+    def test_hugeFdIsBoundedByTheFdLimit(self):
+        # int() takes it, but no process can have such an fd (it overflowed
+        # in socket.socket(fileno=...), a traceback).
+        self.assertRejected("http=99999999999999999999", "RLIMIT_NOFILE")
+
+    def test_fdBeyondTheFdLimit(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = soft if soft != resource.RLIM_INFINITY else hard
+        self.assertRejected(f"http={limit}", f"fd {limit}", "RLIMIT_NOFILE")
+
+    def test_veryLongValueIsNotEchoedWhole(self):
+        error = self.assertRaises(HandoffError, parse_listener_map, "http=" + "9" * 100000)
+        self.assertLess(len(str(error)), 400)
 
     def test_garbageQuotedInMessage(self):
         self.assertRejected("http=3;txn=5", "GRACEFUL_LISTENERS='http=3;txn=5'")
@@ -402,6 +417,10 @@ class InheritReadyTimeoutTests(SynchronousTestCase):
 
     def test_nanRejected(self):
         self.assertRejected("nan")
+
+    def test_infinityRejected(self):
+        self.assertRejected("inf")
+        self.assertRejected("1e999")
 
 
 class ForgetHandoffTests(SynchronousTestCase):

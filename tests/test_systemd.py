@@ -6,6 +6,7 @@ high fd base instead of 3, which this process already uses).
 
 import fcntl
 import os
+import resource
 import socket
 import sys
 import types
@@ -164,6 +165,24 @@ class AdoptTests(unittest.TestCase):
             env["LISTEN_FDS"] = value
             self.assertError(env, self.HTTP,
                              f"LISTEN_FDS={value!r} is not a positive number of sockets")
+
+    def test_listen_fds_beyond_the_fd_limit(self):
+        # LISTEN_FDS=1000000 built a 25 MB message; 100000000 ran for minutes
+        # at gigabytes: the count is bounded before anything is built from it.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = soft if soft != resource.RLIM_INFINITY else hard
+        for count in (limit, 1000000, 100000000, 10 ** 30):
+            env = self.environ(1)
+            env["LISTEN_FDS"] = str(count)
+            message = self.assertError(env, self.HTTP, "LISTEN_FDS", "RLIMIT_NOFILE")
+            self.assertLess(len(message), 400)
+
+    def test_long_listing_is_shortened(self):
+        objects = [listening(self) for _ in range(30)]
+        env = self.environ(30, ":".join(f"s{i}" for i in range(30)))
+        message = self.assertError(env, {"http": parse_listen_description("systemd:http", "--port")},
+                                   "no socket named 'http'", "and 2", objects=objects)
+        self.assertLess(len(message), 1500)
 
     def test_names_do_not_match_count(self):
         self.assertError(self.environ(2, "http"), self.HTTP,

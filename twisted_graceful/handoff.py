@@ -22,7 +22,8 @@ import os
 import re
 import stat
 
-from twisted_graceful.listeners import ListenerError, check_listening_socket
+from twisted_graceful.listeners import (
+    ListenerError, check_listening_socket, fd_limit, shorten)
 
 LISTENERS_ENV = "GRACEFUL_LISTENERS"  # "http=3,txn=5": listener name = fd
 READY_FD_ENV = "GRACEFUL_READY_FD"  # the write end of the ready pipe
@@ -82,11 +83,16 @@ def _fd_number(variable, text, value=None):
     # value: the variable's whole value, when text is only part of it
     value = text if value is None else value
     try:
-        fd = int(text)
+        fd = int(text)  # ValueError past 4300 digits
     except (TypeError, ValueError):
-        raise HandoffError(f"{variable}={value!r}: {text!r} is not a file descriptor number")
-    if fd < 0:
-        raise HandoffError(f"{variable}={value!r}: {text!r} is not a file descriptor number")
+        fd = None
+    if fd is None or fd < 0:
+        raise HandoffError(f"{variable}={shorten(value)}: {shorten(text, 30)} is not a file "
+                           f"descriptor number")
+    limit = fd_limit()
+    if fd >= limit:
+        raise HandoffError(f"{variable}={shorten(value)}: fd {shorten(fd, 30)} is beyond "
+                           f"this process's limit of {limit} open files (RLIMIT_NOFILE)")
     if fd < 3:
         raise HandoffError(f"{variable}={value!r}: fd {fd} is stdin/stdout/stderr, not a handoff fd")
     return fd
@@ -100,6 +106,8 @@ def parse_listener_map(text, variable=LISTENERS_ENV):
     result = {}
     if not text or not text.strip():
         raise HandoffError(f"{variable} is empty: the previous generation passed no listeners")
+    if len(text) > 4096:
+        raise HandoffError(f"{variable}={shorten(text)}: too long to be a list of name=fd items")
     for item in text.split(","):
         name, sep, fd_text = item.strip().partition("=")
         if not sep or not _NAME.match(name):
@@ -388,10 +396,11 @@ def inherit_ready_timeout(environ, default=30.0):
         return default
     try:
         value = float(text)
-        if not value > 0:
+        if not 0 < value < float("inf"):
             raise ValueError(value)
     except ValueError:
-        raise HandoffError(f"{READY_TIMEOUT_ENV}={text!r}: not a positive number of seconds")
+        raise HandoffError(f"{READY_TIMEOUT_ENV}={shorten(text)}: not a positive number of "
+                           f"seconds")
     return value
 
 

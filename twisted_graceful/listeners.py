@@ -9,6 +9,7 @@ socket for every process when it stops (docs/design.md, fact 1).
 
 import errno
 import os
+import resource
 import socket
 import stat
 from dataclasses import dataclass
@@ -227,6 +228,31 @@ def _remove_stale_unix_socket(spec, option):
         )
     finally:
         probe.close()
+
+
+def fd_limit():
+    """
+    How many file descriptors this process may have (C{RLIMIT_NOFILE}): every
+    fd it holds is below this number, so an fd number or a count of fds read
+    from the environment is bounded by it before anything is built from it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (soft, hard):
+        if limit != resource.RLIM_INFINITY and limit > 0:
+            return limit
+    return 2**31 - 1  # an fd is a C int
+
+
+def shorten(text, limit=60):
+    """
+    C{text} as quoted in an error message (a string quoted, a number as is):
+    at most C{limit} characters of it.
+    """
+    show = repr if isinstance(text, str) else str
+    text = str(text)
+    if len(text) <= limit:
+        return show(text)
+    return show(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def check_listening_socket(fd, family=None):

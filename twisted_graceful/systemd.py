@@ -24,7 +24,8 @@ import os
 import sys
 from collections import OrderedDict
 
-from twisted_graceful.listeners import ListenerError, check_listening_socket
+from twisted_graceful.listeners import (
+    ListenerError, check_listening_socket, fd_limit, shorten)
 
 LISTEN_PID = "LISTEN_PID"
 LISTEN_FDS = "LISTEN_FDS"
@@ -162,12 +163,20 @@ def parse_passed_sockets(environ=None, pid=None, start=SD_LISTEN_FDS_START):
     if fds_text is None:
         raise SystemdError(f"{PREFIX}: LISTEN_PID={pid_text!r} is set but LISTEN_FDS is not")
     try:
-        count = int(fds_text.strip())
-        if count <= 0:
-            raise ValueError(count)
+        count = int(fds_text.strip())  # ValueError past 4300 digits
     except ValueError:
+        count = None
+    if count is None or count <= 0:
         raise SystemdError(
-            f"{PREFIX}: LISTEN_FDS={fds_text!r} is not a positive number of sockets"
+            f"{PREFIX}: LISTEN_FDS={shorten(fds_text)} is not a positive number of sockets"
+        )
+    # Bounded before anything is built from it: fds start + count - 1 must fit
+    # under the process's fd limit.
+    limit = fd_limit()
+    if count > limit - start:
+        raise SystemdError(
+            f"{PREFIX}: LISTEN_FDS={shorten(count)} passes more sockets than this process "
+            f"can have (its limit is {limit} open files, RLIMIT_NOFILE)"
         )
     names_text = found.get(LISTEN_FDNAMES)
     if names_text is None:
@@ -176,16 +185,26 @@ def parse_passed_sockets(environ=None, pid=None, start=SD_LISTEN_FDS_START):
         names = names_text.split(":")
         if len(names) != count:
             raise SystemdError(
-                f"{PREFIX}: LISTEN_FDNAMES={names_text!r} names {len(names)} socket(s) but "
+                f"{PREFIX}: LISTEN_FDNAMES={shorten(names_text)} names {len(names)} socket(s) but "
                 f"LISTEN_FDS={fds_text!r} passes {count}; every socket needs a name "
                 f"(FileDescriptorName= in its .socket unit)"
             )
     return [PassedSocket(start + i, i, name) for i, name in enumerate(names)]
 
 
+def _listing(passed, most=10):
+    """
+    The passed sockets, as an error message lists them: the first C{most}.
+    """
+    text = ", ".join(p.describe() for p in passed[:most])
+    if len(passed) > most:
+        text += f" and {len(passed) - most} more"
+    return text
+
+
 def _choose(spec, option, passed, names_known):
     where = f"{option} {spec.description}"
-    listing = ", ".join(p.describe() for p in passed)
+    listing = _listing(passed)
     if spec.name and not names_known:
         raise SystemdError(
             f"{where}: no socket named {spec.name!r}: LISTEN_FDNAMES is not set, so the "
@@ -261,7 +280,7 @@ def adopt(specs, environ=None, options=None, pid=None, start=SD_LISTEN_FDS_START
         asked = ", ".join(f"{options.get(n, n)} {specs[n].description}" for n in chosen) or "none"
         raise SystemdError(
             f"{PREFIX}: systemd passed socket(s) nobody asked for: "
-            f"{', '.join(p.describe() for p in unasked)} (listeners asking for systemd "
+            f"{_listing(unasked)} (listeners asking for systemd "
             f"sockets: {asked}); give each passed socket a listener option "
             f"(e.g. --port systemd:NAME) or remove its .socket unit from the service's Sockets="
         )
