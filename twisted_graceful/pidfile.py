@@ -7,6 +7,7 @@ if it still names that generation's own PID.
 """
 
 import os
+import tempfile
 
 
 def pid_alive(pid):
@@ -38,13 +39,40 @@ def read_pid(path):
     return pid if pid > 0 else None
 
 
+def atomic_write(path, data, mode):
+    """
+    Replace C{path} with C{data} (text) atomically: a reader sees the old
+    content or the new, never half of it.
+
+    The temporary file is made by C{tempfile.mkstemp} in the same directory:
+    an unpredictable name, created with C{O_CREAT|O_EXCL|O_NOFOLLOW}, so a
+    symlink planted in advance is never followed. Its mode is set to C{mode}
+    explicitly (the umask is not trusted), it is flushed to disk, then renamed
+    over C{path} (which replaces a symlink at C{path}, never its target).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            fd = None
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_pidfile(path, pid):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{pid}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, f"{pid}\n", 0o644)
 
 
 def remove_pidfile_if_own(path, pid=None):

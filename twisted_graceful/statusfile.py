@@ -14,7 +14,7 @@ import time
 from twisted.logger import Logger
 from twisted.web import resource
 
-from twisted_graceful.pidfile import pid_alive
+from twisted_graceful.pidfile import atomic_write, pid_alive
 
 STATUS_SUFFIX = ".status.json"
 KEEP_ENTRIES = 8
@@ -50,7 +50,8 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
     serving state) under an exclusive lock, so neither overwrites the other;
     the oldest entries of processes that are gone are dropped.
     """
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # The lock file is never followed through a symlink, and only we read it.
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         doc = read_status(path) or {"processes": {}}
@@ -63,11 +64,8 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
             )
             for p in gone[: len(processes) - keep]:
                 del processes[p]
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"version": 1, "processes": processes}, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        text = json.dumps({"version": 1, "processes": processes}, indent=1, sort_keys=True)
+        atomic_write(path, text + "\n", 0o600)
     finally:
         os.close(lock)
 
