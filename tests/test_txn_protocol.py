@@ -20,6 +20,7 @@ from twisted_graceful.store import (
     CommitResult,
     Store,
     StoreBusy,
+    StoreUnusable,
     apply_ops,
     keys_of,
 )
@@ -45,6 +46,7 @@ class FakeStore:
         self.pending = []
         self.busy = False
         self.unknown = False
+        self.unusable = None
 
     def _answer(self, compute):
         d = defer.Deferred()
@@ -78,6 +80,8 @@ class FakeStore:
                 raise StoreBusy("database is locked")
             if self.unknown:
                 raise CommitOutcomeUnknown("the connection was lost during COMMIT")
+            if self.unusable is not None:
+                raise self.unusable
             keys = keys_of(ops)
             values = apply_ops(ops, {k: self.data.get(k) for k in keys})
             for key in keys:
@@ -457,6 +461,72 @@ class BadInputTests(ProtocolTestCase):
                          "451 outcome unknown: the connection was lost during COMMIT; check the "
                          "data before you retry")
         self.assertFalse(self.proto.in_transaction())
+
+    def test_database_unusable_is_permanent(self):
+        self.store.unusable = StoreUnusable("attempt to write a readonly database (/x/db)")
+        reply = self.ask("SET a 1")
+        self.assertEqual(len(reply), 1)
+        self.assertRegex(reply[0], r"^5\d\d ")
+        self.assertNotEqual(reply[0][:3], "554")
+        self.assertIn("readonly", reply[0])
+        self.assertIn("will not succeed on retry", reply[0])
+        self.assertFalse(self.proto.in_transaction())
+
+
+class HalfCloseTests(ProtocolTestCase):
+    """
+    A client that sends its commands and then its FIN (C{printf ... | socat})
+    gets every reply, in order, then the server closes.
+    """
+
+    def test_is_half_closeable(self):
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        self.assertTrue(IHalfCloseableProtocol.providedBy(self.connect()))
+
+    def test_every_reply_after_the_fin(self):
+        self.connect()
+        self.replies()
+        self.store.hold = True
+        self.send("SET k 1", "GET k", "QUIT")
+        self.proto.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        self.store.release()
+        self.store.release()
+        self.assertEqual(self.replies(), ["250 committed txid=1 k=1", "250 k=1", "221 bye"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_without_quit_the_server_closes_after_the_last_reply(self):
+        self.connect()
+        self.replies()
+        self.store.hold = True
+        self.send("SET k 1", "PING")
+        self.proto.readConnectionLost()
+        self.store.release()
+        self.assertEqual(self.replies(), ["250 committed txid=1 k=1",
+                                          "250 pong pid 4242 generation 3"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_last_line_without_a_newline_is_a_command(self):
+        self.connect()
+        self.replies()
+        self.proto.dataReceived(b"SET k 1\r\nGET k")
+        self.proto.readConnectionLost()
+        self.assertEqual(self.replies(), ["250 committed txid=1 k=1", "250 k=1"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_open_transaction_at_the_fin_applies_nothing(self):
+        self.connect()
+        self.replies()
+        self.send("BEGIN", "SET k 1")
+        self.proto.readConnectionLost()
+        self.assertEqual(self.replies(), ["250 begin", "250 queued"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.store.txns, [])
+
+    def test_fin_on_an_idle_connection_closes_it(self):
+        self.connect()
+        self.proto.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
 
 
 class OrderingTests(ProtocolTestCase):

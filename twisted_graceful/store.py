@@ -43,9 +43,11 @@ import os
 import re
 import socket
 import sqlite3
+import tempfile
+import threading
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from twisted.application import service
 from twisted.enterprise import adbapi
@@ -116,6 +118,86 @@ class CommitOutcomeUnknown(Exception):
     and whether it was applied could not be found out (the database is still
     unreachable). Neither "committed" nor "nothing applied" would be true.
     """
+
+
+class StoreUnusable(Exception):
+    """
+    The database cannot be written and retrying will not change that until an
+    operator acts: it is read-only, cannot be opened, is corrupt, or the file
+    at the store's path is no longer the one open (removed or replaced).
+    Nothing of the transaction was applied.
+    """
+
+
+# SQLite's primary result codes that no retry can cure (the others, BUSY and
+# LOCKED above all, and FULL, which freeing space cures, are transient).
+_PERMANENT_CODES = {
+    3,  # SQLITE_PERM
+    8,  # SQLITE_READONLY
+    10,  # SQLITE_IOERR
+    11,  # SQLITE_CORRUPT
+    14,  # SQLITE_CANTOPEN
+    26,  # SQLITE_NOTADB
+}
+_PERMANENT_MESSAGES = ("readonly", "read-only", "unable to open", "disk i/o error", "malformed",
+                       "not a database")
+
+
+def is_permanent(error):
+    """
+    Will retrying the operation that raised C{error} (a L{sqlite3.Error})
+    fail the same way?
+    """
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _PERMANENT_CODES
+    text = str(error).lower()
+    return any(m in text for m in _PERMANENT_MESSAGES)
+
+
+def open_problem(path, busy_timeout=0.0):
+    """
+    Why the SQLite database at C{path} cannot be used for writing, in one
+    sentence naming it, or L{None}. Checked at start-up so that a database
+    that cannot be opened or written is reported at once, not after the
+    readiness checks have retried for the whole ready timeout. A database
+    that is only busy (another process writes) is not a problem here, and
+    nothing is created.
+    """
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        return f"{path}: the directory {directory} does not exist"
+    who = f"this user (uid {os.geteuid()})"
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            return f"{path}: not a regular file"
+        try:  # what SQLite will do: open it for reading and writing
+            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            return f"{path}: {who} cannot open it for writing ({e.strerror})"
+    try:  # SQLite creates the database's -wal and -shm files beside it
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".graceful-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return (f"{path}: {who} cannot create files in its directory {directory}, where SQLite "
+                f"keeps the database's -wal and -shm files ({e.strerror})")
+    if not os.path.lexists(path):
+        return None  # the store creates it; nothing is created here
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=busy_timeout,
+                               isolation_level=None)
+    except sqlite3.Error as e:
+        return f"{path}: cannot be opened ({e})"
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # a write transaction, written nothing
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        if is_permanent(e):
+            return f"{path}: cannot be written ({e})"
+    finally:
+        conn.close()
+    return None
 
 
 def is_postgres(db):
@@ -216,6 +298,7 @@ class Store(service.Service):
         else:
             self.path = os.path.abspath(db)
             self.backend = SQLiteBackend(self.path, busy_timeout)
+            self.backend.on_lost = self._lost
         self.pool = None
         self._in_flight = 0
         self._idle_waiters = []
@@ -282,11 +365,40 @@ class Store(service.Service):
 
     def check(self):
         """
-        Prove the store works end to end (for the readiness check): a read
-        through the pool. Fires with the number of committed transactions
-        (on PostgreSQL, the highest txid: the same unless commits failed).
+        Prove the store works end to end (for the readiness check): on
+        SQLite a read and a write through the pool, the write in a
+        transaction rolled back, so a generation that could read but not
+        write is never declared ready; on PostgreSQL a read. Fires with the
+        number of committed transactions (on PostgreSQL, the highest txid:
+        the same unless commits failed).
         """
-        return self._run(self.backend.count)
+        return self._run(self.backend.readiness).addCallback(self._writable)
+
+    def unusable(self):
+        """
+        Why the store cannot be used (for C{/healthz}), or L{None}: its file
+        is gone or replaced, or it turned out unwritable.
+        """
+        return self.backend.unusable()
+
+    def _writable(self, result):
+        self.backend.unwritable = None  # a write worked: a past failure is over
+        return result
+
+    def _lost(self, reason):
+        """
+        Told (from any thread) that the database file is gone or replaced.
+        """
+        if threading.current_thread() is threading.main_thread():
+            self._report_lost(reason)
+        else:
+            self.reactor.callFromThread(self._report_lost, reason)
+
+    def _report_lost(self, reason):
+        self.log.critical(
+            "Store: {reason}; commits are refused from now on (the open file can no longer be "
+            "reached: what were written to it would be lost). Put the database back and "
+            "restart the server.", reason=reason)
 
     def transactions(self):
         """
@@ -309,7 +421,8 @@ class Store(service.Service):
         if not ops:
             raise ValueError("a commit needs at least one write")
         pid = os.getpid() if self._pid is None else self._pid
-        return self._run(self.backend.commit, ops, pid, self._generation(), committing=True)
+        return self._run(self.backend.commit, ops, pid, self._generation(),
+                         committing=True).addCallback(self._writable)
 
 
 def _final_values(ops, values):
@@ -345,10 +458,20 @@ class SQLiteBackend:
     C{ConnectionPool.runInteraction}; adbapi commits or rolls back.
     """
 
+    unwritable = None  # why a write failed for good, until one works again
+    on_lost = None  # called (from any thread) with the reason the file is lost
+
     def __init__(self, path, busy_timeout):
         self.path = path
         self.busy_timeout = busy_timeout
         self.description = f"SQLite {path} (WAL mode)"
+        # (st_dev, st_ino) of the file the pool's connections opened, taken
+        # by the first connection: a commit into another file (the one at the
+        # path was removed or replaced; SQLite keeps writing to the unlinked
+        # one, docs/design.md fact 21) is refused, not acknowledged.
+        self._file_id = None
+        self._file_lock = threading.Lock()
+        self._lost = None  # why the store is unusable, once known for good
 
     def make_pool(self, reactor, pool_size):
         return adbapi.ConnectionPool(
@@ -361,6 +484,10 @@ class SQLiteBackend:
         )
 
     def _configure(self, conn):
+        with self._file_lock:
+            if self._file_id is None:
+                self._file_id = _file_id(self.path)
+        self.check_same_file()
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         deadline = time.monotonic() + self.busy_timeout
         while True:
@@ -385,8 +512,59 @@ class SQLiteBackend:
 
     def error(self, exc):
         if isinstance(exc, sqlite3.Error):
+            # A lost file explains any error (a pool thread opening a new
+            # connection fails with "unable to open database file").
+            try:
+                self.check_same_file()
+            except StoreUnusable as lost:
+                return lost
+            if is_permanent(exc):
+                self.unwritable = f"{exc} ({self.path})"
+                return StoreUnusable(self.unwritable)
             return StoreBusy(f"{exc}")
         return None
+
+    # --- is the file at the path still ours? ----------------------------
+    def check_same_file(self):
+        """
+        Raise L{StoreUnusable} if the file at C{path} is not the one open.
+        Called in a pool thread at each commit, and by L{unusable}.
+        """
+        if self._lost is not None:
+            raise StoreUnusable(self._lost)
+        if self._file_id is None:
+            return
+        try:
+            now = _file_id(self.path)
+        except OSError as e:
+            reason = (f"the database file {self.path} is gone ({e.strerror}): removed, or its "
+                      f"directory was, while in use")
+        else:
+            if now == self._file_id:
+                return
+            reason = f"the database file {self.path} was replaced by another file while in use"
+        self._lost = reason
+        if self.on_lost is not None:
+            self.on_lost(reason)
+        raise StoreUnusable(reason)
+
+    def unusable(self):
+        try:
+            self.check_same_file()
+        except StoreUnusable as e:
+            return str(e)
+        return self.unwritable
+
+    def readiness(self, txn):
+        self.check_same_file()
+        count = self.count(txn)
+        txn.execute("BEGIN IMMEDIATE")
+        try:
+            txn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                        ("\0twisted-graceful readiness check", ""))
+        finally:
+            txn.execute("ROLLBACK")
+        return count
 
     def read(self, txn, keys):
         values = dict.fromkeys(keys)
@@ -407,10 +585,15 @@ class SQLiteBackend:
         ).fetchall())
 
     def commit(self, txn, ops, pid, generation):
-        # The write lock first, then the reads: no other writer (in this
-        # process or the other generation) can change these keys before we
-        # commit.
+        # The file at the path must be the one open: before SQLite touches
+        # it, and again under the write lock (raises, and adbapi rolls back,
+        # if it is gone or replaced), so nothing is committed into a file
+        # nobody can open. The write lock first, then the reads: no other
+        # writer (in this process or the other generation) can change these
+        # keys before we commit.
+        self.check_same_file()
         txn.execute("BEGIN IMMEDIATE")
+        self.check_same_file()
         final = _final_values(ops, self.read(txn, keys_of(ops)))
         _write(txn, final, "?")
         txn.execute(
@@ -418,6 +601,11 @@ class SQLiteBackend:
             (time.time(), pid, generation, json.dumps(ops), json.dumps(final)),
         )
         return CommitResult(txn.lastrowid, final)
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def advisory_key(key):
@@ -597,6 +785,14 @@ class PostgresBackend:
         for key, value in cur.fetchall():
             values[key] = value
         return values
+
+    unwritable = None
+
+    def unusable(self):
+        return None  # reachability is the readiness check's and each commit's to tell
+
+    def readiness(self, cur):
+        return self.count(cur)
 
     def count(self, cur):
         # The highest txid, not count(*): the readiness check of every

@@ -19,7 +19,7 @@ from twisted_graceful.inherit import Inheritance
 from twisted_graceful.master import MasterService
 from twisted_graceful.statusfile import StatusFile
 from twisted_graceful.service import GracefulService
-from twisted_graceful.store import Store, is_postgres, redact
+from twisted_graceful.store import Store, is_postgres, open_problem, redact
 from twisted_graceful.txn import TxnFactory
 
 
@@ -125,6 +125,12 @@ class Options(usage.Options):
             self["db"] = os.path.abspath(self["db"])
             if not os.path.isdir(os.path.dirname(self["db"])):
                 raise usage.UsageError(f"--db {self['db']}: the directory does not exist")
+            # A database this user cannot open or write is said at once,
+            # naming the path and the reason (not after the readiness checks
+            # gave up).
+            problem = open_problem(self["db"])
+            if problem is not None:
+                raise usage.UsageError(f"--db {problem}")
         if self["log-format"] not in logs.LOG_FORMATS:
             raise usage.UsageError(
                 f"--log-format must be one of {', '.join(logs.LOG_FORMATS)}, "

@@ -13,15 +13,17 @@ that boundary is never executed (docs/design.md, fact 12).
 
 import math
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from twisted_graceful.drain import DrainableConnection, close_in_stages
 from twisted_graceful.slow import SlowWork, heartbeat
 from twisted_graceful.store import (
     CommitOutcomeUnknown,
     StoreBusy,
+    StoreUnusable,
     TransactionFailed,
     apply_ops,
     parse_integer,
@@ -61,7 +63,14 @@ class _Transaction:
         self.failed = None  # why COMMIT will fail, once a command was rejected
 
 
+@implementer(interfaces.IHalfCloseableProtocol)
 class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
+    """
+    One connection. It is half-closeable: a client that sends its commands
+    and then its FIN (C{printf ... | socat}) still gets every reply, in
+    order; the server closes once the last one is written.
+    """
+
     protocol_name = "txn"
     log = Logger()
 
@@ -76,6 +85,7 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
         self._close_requested = False  # close at the next transaction boundary
         self._closing = False  # the last reply is sent; input is dropped
         self._lost = False
+        self._eof = False  # the client sent its FIN: nothing more will come
         self._close_after_reply = False
         self._linger = None
         self._slow = None
@@ -91,6 +101,41 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
                          f"generation {factory.identity.generation}")
         self.setTimeout(self.idle_timeout or None)
         self.track(factory.drain_tracker)
+
+    def readConnectionLost(self):
+        """
+        The client half-closed: run every command it sent (a last line
+        without its newline included), send every reply, then close.
+        """
+        if self._eof or self._lost:
+            return
+        self._eof = True
+        if self._closing:
+            # Our last reply is out; we were waiting for this FIN.
+            self.transport.loseConnection()
+            return
+        if self._buffer.strip() and not self._discarding:
+            self._buffer += b"\n"
+        self._process()
+
+    def writeConnectionLost(self):
+        pass  # we never half-close first without closing after a linger
+
+    def _finish_after_eof(self):
+        """
+        After the client's FIN, once no command is left: drop an open
+        transaction (its COMMIT can never come) and close.
+        """
+        if not self._eof or self._busy or self._closing or self._lost:
+            return
+        if self._buffer.find(b"\n") >= 0:
+            return  # more commands to run
+        if self._txn is not None:
+            self._txn = None
+            self._count_transaction("aborted")
+        self._closing = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason):
         self._lost = True
@@ -163,6 +208,10 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
         self.setTimeout(None)
         self._buffer = bytearray()
         self._discarding = False
+        if self._eof:
+            # The client sent its FIN already: nothing unread can reset the reply.
+            self.transport.loseConnection()
+            return
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()  # read (and drop) until the peer's FIN
@@ -220,6 +269,7 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
                     self._at_boundary()
         finally:
             self._processing = False
+        self._finish_after_eof()
 
     def _line(self, line):
         if line is _TOO_LONG:
@@ -312,7 +362,7 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
             self._paused = False
             self.transport.resumeProducing()
         self._at_boundary()
-        self._process()
+        self._process()  # and, after the client's FIN, close once it is all answered
 
     # --- commands ------------------------------------------------------
     def cmd_BEGIN(self):
@@ -475,6 +525,9 @@ def _store_error(failure):
     if failure.check(CommitOutcomeUnknown):
         # Neither "committed" nor "nothing applied" would be true.
         return 451, (f"outcome unknown: {failure.value}; check the data before you retry")
+    if failure.check(StoreUnusable):
+        return 557, (f"database unusable ({failure.value}); nothing applied, will not succeed "
+                     f"on retry")
     failure.trap(StoreBusy)
     return 451, f"database busy ({failure.value}); nothing applied, try again"
 
