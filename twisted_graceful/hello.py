@@ -3,8 +3,10 @@ The HTTP side of the C{graceful} server: C{hello world} with its PID, slow
 requests with a heartbeat, and C{/healthz} for load balancers.
 """
 
+import ipaddress
 import os
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web import resource, server
 
 from twisted_graceful.slow import SlowWork, heartbeat
@@ -69,7 +71,7 @@ class HelloResource(resource.Resource):
     isLeaf = False
 
     def __init__(self, reactor, identity, slow_every=10, slow_seconds=10.0, emit=heartbeat,
-                 store=None):
+                 store=None, allow_remote_writes=False, max_line=8192):
         resource.Resource.__init__(self)
         self.reactor = reactor
         self.identity = identity
@@ -79,9 +81,9 @@ class HelloResource(resource.Resource):
         self.count = 0
         self.slow_count = 0
         self.putChild(b"slow", SlowResource(self))
-        self.putChild(b"healthz", HealthResource(identity))
+        self.putChild(b"healthz", HealthResource(identity, store))
         if store is not None:
-            self.putChild(b"kv", KVResource(store))
+            self.putChild(b"kv", KVResource(store, allow_remote_writes, max_line))
 
     def getChild(self, path, request):
         if path == b"":
@@ -138,23 +140,63 @@ class SlowResource(resource.Resource):
 class HealthResource(resource.Resource):
     """
     C{GET /healthz}: 200 C{serving} while this process accepts, 503
-    C{draining} once it drains, so a load balancer stops routing to it.
+    C{draining} once it drains, so a load balancer stops routing to it; 503
+    too when its store cannot be written (its file lost, or read-only).
     """
 
     isLeaf = True
 
-    def __init__(self, identity):
+    def __init__(self, identity, store=None):
         resource.Resource.__init__(self)
         self.identity = identity
+        self.store = store
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         if self.identity.draining:
             request.setResponseCode(503)
             return f"draining {self.identity}\n".encode()
+        problem = getattr(self.store, "unusable", lambda: None)()
+        if problem:
+            request.setResponseCode(503)
+            return f"store unusable {self.identity}: {_one_line(problem)}\n".encode()
         return f"serving {self.identity}\n".encode()
 
     render_HEAD = render_GET
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def is_local(address):
+    """
+    Is C{address} (a request's client address) this host: a loopback IP
+    (127.0.0.0/8, ::1, ::ffff:127.x.y.z) or a UNIX socket?
+    """
+    if isinstance(address, UNIXAddress):
+        return True
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        try:
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+    return False
+
+
+def _word_problem(what, text):
+    """
+    Why C{text} cannot be a key or a value of the line protocol (one word,
+    no control characters), or L{None}.
+    """
+    if not text:
+        return f"the {what} is empty"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+        return (f"the {what} must be one word: no spaces, tabs, line breaks or control "
+                f"characters (the transaction protocol could not read it back)")
+    return None
 
 
 class KVResource(resource.Resource):
@@ -162,13 +204,21 @@ class KVResource(resource.Resource):
     C{GET /kv/<key>}: the committed value of C{key} in the store the
     transaction protocol writes (404 if there is none), so both protocols
     share one state.
+
+    C{POST} writes. It is refused (403) to a client that is not on this host
+    unless C{allow_remote_writes}; a value must be one the transaction
+    protocol could have set (C{SET key value} within C{max_line} bytes, one
+    word): 413 if longer, 400 otherwise.
     """
 
     isLeaf = True
+    MAX_KEY_LENGTH = 250  # as the transaction protocol's
 
-    def __init__(self, store):
+    def __init__(self, store, allow_remote_writes=False, max_line=8192):
         resource.Resource.__init__(self)
         self.store = store
+        self.allow_remote_writes = allow_remote_writes
+        self.max_line = max_line
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -209,9 +259,17 @@ class KVResource(resource.Resource):
         committed transaction, answered with its txid once it is committed
         (a non-idempotent request, for checking nothing is applied twice).
         """
-        from twisted_graceful.store import CommitOutcomeUnknown, TransactionFailed, parse_integer
+        from twisted_graceful.store import (
+            CommitOutcomeUnknown, StoreUnusable, TransactionFailed, parse_integer)
 
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        client = request.getClientAddress()
+        if not self.allow_remote_writes and not is_local(client):
+            request.setResponseCode(403)
+            host = getattr(client, "host", client)
+            return (f"writes are accepted from this host only, not from {host}; start the "
+                    f"server with --allow-remote-writes to accept them from the network\n"
+                    ).encode()
         try:
             key = b"/".join(request.postpath).decode("utf-8")
             args = {k.decode(): v[0].decode() for k, v in request.args.items()}
@@ -221,6 +279,21 @@ class KVResource(resource.Resource):
         if not key:
             request.setResponseCode(400)
             return b"POST /kv/<key> needs a key\n"
+        problem = _word_problem("key", key)
+        if problem is None and len(key) > self.MAX_KEY_LENGTH:
+            problem = f"the key is longer than {self.MAX_KEY_LENGTH} characters"
+        if problem is None and "value" in args and "incr" not in args:
+            problem = _word_problem("value", args["value"])
+            if problem is None:
+                longest = self.max_line - len(f"SET {key} ".encode())
+                if len(args["value"].encode()) > longest:
+                    request.setResponseCode(413)
+                    return (f"the value is longer than the transaction protocol allows for "
+                            f"this key ({max(longest, 0)} bytes: SET key value within "
+                            f"--max-line {self.max_line}); nothing stored\n").encode()
+        if problem is not None:
+            request.setResponseCode(400)
+            return f"{problem}; nothing stored\n".encode()
         if "incr" in args and parse_integer(args["incr"]) is not None:
             ops = [("incr", key, parse_integer(args["incr"]))]
         elif "value" in args and "incr" not in args:
@@ -241,14 +314,21 @@ class KVResource(resource.Resource):
             request.committing = False
             if gone:
                 return
+            message = _one_line(failure.getErrorMessage())
             if failure.check(TransactionFailed):
                 request.setResponseCode(409)
+                text = f"not committed: {message}"
+            elif failure.check(StoreUnusable):
+                request.setResponseCode(500)
+                text = f"not committed: database unusable ({message}); will not succeed on retry"
             else:
                 request.setResponseCode(503)
-            if failure.check(CommitOutcomeUnknown):
-                request.write(f"outcome unknown: {failure.getErrorMessage()}\n".encode())
-            else:
-                request.write(f"not committed: {failure.getErrorMessage()}\n".encode())
+                if failure.check(CommitOutcomeUnknown):
+                    text = f"outcome unknown: {message}"
+                else:
+                    request.setHeader(b"retry-after", b"1")
+                    text = f"not committed: database busy ({message}); try again"
+            request.write(f"{text}\n".encode())
             request.finish()
 
         # Marked for the drain's hard deadline: cutting the connection now

@@ -2,6 +2,13 @@
 HTTP that drains: every channel is tracked, and a draining channel finishes the
 request it handles, answers it with C{Connection: close} and closes in stages
 (docs/design.md, facts 8 and 11).
+
+Requests are bounded: a body over C{max_body} is refused with 413 before it is
+read into memory; a request line or header block too long gets 414 or 431
+(Twisted alone closes silently or answers 400); a request whose head does not
+arrive within C{header_timeout} gets 408. A request whose head is incomplete
+has not started: at drain it is idle, so a slow client cannot hold a
+draining generation until the deadline.
 """
 
 import socket
@@ -12,19 +19,157 @@ from twisted.web import http, server
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.drain import DrainableConnection, close_in_stages
 
+DEFAULT_MAX_BODY = 64 * 1024
+DEFAULT_HEADER_TIMEOUT = 10.0
+
+_REASONS = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
 
 class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
     protocol_name = "http"
     _idle_close = None
     _lingering = None
     _closing = False
+    _head_timer = None
+    _head_started = False  # bytes of a request's head have arrived
+    _head_lines = 0  # lines of the current head received
 
     def connectionMade(self):
         super().connectionMade()
         self.track(getattr(self.site, "drain_tracker", None))
+        self._start_head_timer()
 
     def in_transaction(self):
-        return bool(self.requests)
+        """
+        A request has started once its head (request line and headers) is
+        complete; until then there is nothing to finish.
+        """
+        return any(getattr(request, "_graceful_started", False) for request in self.requests)
+
+    # --- request limits ------------------------------------------------
+    def _start_head_timer(self):
+        timeout = getattr(self.site, "header_timeout", None)
+        if timeout and self._head_timer is None and not self._closing:
+            self._head_timer = self.callLater(timeout, self._head_timed_out, timeout)
+
+    def _stop_head_timer(self):
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self, timeout):
+        self._head_timer = None
+        if self._closing or self.in_transaction():
+            return
+        if self._head_started:
+            self._refuse(408, f"the request's head (request line and headers) did not arrive "
+                              f"within {timeout:g} s")
+        else:
+            self.loseConnection()  # a connection that never sent a byte: nothing to answer
+
+    def _refuse(self, code, text):
+        """
+        Answer C{code} with a one-line body, then close in stages (what the
+        client still sends is dropped, never buffered).
+        """
+        if self._closing:
+            return
+        self._stop_head_timer()
+        body = (text + "\n").encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+            % (code, _REASONS[code], len(body)) + body)
+        self.persistent = False
+        self.loseConnection()
+
+    def _head_too_big(self, what):
+        if self._head_lines == 0:
+            self._refuse(414, f"the request line is too long (over {self.MAX_LENGTH} bytes)")
+        else:
+            self._refuse(431, f"the request's {what} is too big (at most {self.maxHeaders} "
+                              f"headers, {self.totalHeadersSize} bytes in all)")
+
+    def dataReceived(self, data):
+        if data and self.line_mode and not self._handlingRequest:
+            # Bytes of a request's head: its clock starts with the first one.
+            self._head_started = True
+            self._start_head_timer()
+        super().dataReceived(data)
+
+    def lineLengthExceeded(self, line):
+        self._head_too_big("header block")
+
+    def lineReceived(self, line):
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._head_too_big("header block")
+            return
+        if line or self._head_lines:
+            self._head_lines += 1
+        super().lineReceived(line)
+
+    def headerReceived(self, line):
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._head_too_big("header block")
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self):
+        self._stop_head_timer()
+        self._head_lines = 0
+        self._head_started = False
+        limit = getattr(self.site, "max_body", None)
+        if limit is not None and self.length is not None and self.length > limit:
+            # Refused on its Content-Length, before a byte of the body is read
+            # (and instead of "100 Continue").
+            self.length = None  # no body to wait for: what follows is dropped
+            self._refuse(413, f"the request body is {self.length_text()} bytes; this server "
+                              f"accepts at most {limit} bytes")
+            return
+        self.requests[-1]._graceful_started = True
+        decoder = self._transferDecoder
+        if limit is not None and decoder is not None and hasattr(decoder, "dataCallback"):
+            self._count_body(decoder, limit)
+        super().allHeadersReceived()
+
+    def length_text(self):
+        request = self.requests[-1] if self.requests else None
+        lengths = request.requestHeaders.getRawHeaders(b"content-length") if request else None
+        return lengths[0].decode("ascii", "replace")[:30] if lengths else "?"
+
+    def _count_body(self, decoder, limit):
+        """
+        A chunked body has no length up front: count it as it arrives and
+        refuse it (413) as soon as it passes C{limit}.
+        """
+        deliver = decoder.dataCallback
+        received = [0]
+
+        def counted(data):
+            if self._closing:
+                return
+            received[0] += len(data)
+            if received[0] > limit:
+                decoder.finishCallback = lambda rest: None  # never handled
+                self._refuse(413, f"the request body is over {limit} bytes, the most this "
+                                  f"server accepts")
+                return
+            deliver(data)
+
+        decoder.dataCallback = counted
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if not self._closing and self.line_mode and self._buffer:
+            # Part of the next request's head was read with this one.
+            self._head_started = True
+            self._start_head_timer()
 
     def close_at_boundary(self, idle_grace):
         """
@@ -33,7 +178,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         which its next request is still answered (with C{Connection: close}),
         so a request sent as we close does not meet a reset.
         """
-        if self.requests:
+        if self.in_transaction():
             # requestDone closes the connection after this response.
             self.persistent = False
             for request in self.requests:
@@ -50,7 +195,14 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
 
     def _close_if_idle(self):
         self._idle_close = None
-        if not self.requests:
+        if self.in_transaction():
+            return
+        if self._head_started:
+            # Part of a request arrived but not all of its head: it has not
+            # started; tell the client it can send it again (elsewhere).
+            self._refuse(408, "this server is shutting down and the request's head was not "
+                              "complete; send it again")
+        else:
             self.loseConnection()
 
     def abort_connection(self):
@@ -78,6 +230,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self._closing:
             return
         self._closing = True
+        self._stop_head_timer()
         if self._idle_close is not None and self._idle_close.active():
             self._idle_close.cancel()
         self._networkProducer.unregisterProducer()
@@ -85,6 +238,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         self._lingering = close_in_stages(self.transport, self.callLater)
 
     def connectionLost(self, reason):
+        self._stop_head_timer()
         for call in (self._idle_close, self._lingering):
             if call is not None and call.active():
                 call.cancel()
@@ -97,11 +251,19 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
 class GracefulSite(server.Site):
     """
     A L{Site} whose channels a L{DrainTracker} can drain.
+
+    @param max_body: the largest request body accepted, in bytes (413
+        beyond; L{None}: no limit).
+    @param header_timeout: seconds a request's head may take to arrive (408
+        beyond; L{None}: no limit).
     """
 
-    def __init__(self, resource, drain_tracker=None, **kwargs):
+    def __init__(self, resource, drain_tracker=None, max_body=DEFAULT_MAX_BODY,
+                 header_timeout=DEFAULT_HEADER_TIMEOUT, **kwargs):
         server.Site.__init__(self, resource, **kwargs)
         self.drain_tracker = drain_tracker
+        self.max_body = max_body
+        self.header_timeout = header_timeout
 
     def protocol(self):
         return GenericHTTPChannelProtocol(DrainableHTTPChannel())

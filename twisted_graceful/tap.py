@@ -88,7 +88,9 @@ class Options(usage.Options):
          _positive("slow-every", int, allow_zero=True)],
         ["slow-seconds", None, 10.0, "How long a slow request takes",
          _positive("slow-seconds", allow_zero=True)],
-        ["txn-port", None, "tcp:8025", "Transaction protocol listener (same forms as --port)"],
+        ["txn-port", None, "tcp:8025:interface=127.0.0.1", "Transaction protocol listener "
+         "(same forms as --port; loopback only by default: it accepts writes from anyone who "
+         "can reach it)"],
         ["db", None, "graceful.sqlite3", "The key/value store, shared by every generation: a "
          "SQLite file, or postgresql://user[:password]@host:port/dbname for one PostgreSQL "
          "database shared by several hosts"],
@@ -96,6 +98,10 @@ class Options(usage.Options):
          _positive("max-line", int)],
         ["max-commands", None, 1000, "Most commands in one transaction",
          _positive("max-commands", int)],
+        ["max-body", None, 64 * 1024, "Largest HTTP request body, in bytes (413 beyond, "
+         "refused before it is read)", _positive("max-body", int)],
+        ["header-timeout", None, 10.0, "Seconds an HTTP request's head (request line and "
+         "headers) may take to arrive (408 beyond)", _positive("header-timeout")],
         ["idle-timeout", None, 300.0, "Seconds before an idle transaction protocol connection "
          "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
         ["metrics-port", None, "tcp:9090:interface=127.0.0.1", "Prometheus /metrics and JSON "
@@ -107,6 +113,8 @@ class Options(usage.Options):
          "per line; same as twistd --logger twisted_graceful.logs.json_observer)"],
     ]
     optFlags = [
+        ["allow-remote-writes", None, "Accept POST /kv from clients that are not on this host "
+         "(by default only loopback and UNIX-socket clients may write over HTTP)"],
         ["reuse-port", None, "Set SO_REUSEPORT on sockets this process binds (for comparison "
          "benchmarks; not needed for upgrades)"],
     ]
@@ -218,8 +226,10 @@ def makeService(options):
     store = Store(options["db"], reactor, generation=lambda: graceful.generation)
     store.setServiceParent(graceful)
     root = HelloResource(reactor, identity, options["slow-every"], options["slow-seconds"],
-                         store=store)
-    site = GracefulSite(root, drain_tracker=graceful.tracker)
+                         store=store, allow_remote_writes=options["allow-remote-writes"],
+                         max_line=options["max-line"])
+    site = GracefulSite(root, drain_tracker=graceful.tracker, max_body=options["max-body"],
+                        header_timeout=options["header-timeout"])
     site.displayTracebacks = False
     graceful.add_listener("http", options["port"], site, option="--port")
     graceful.add_readiness_check(lambda: self_test_request(reactor, site))
