@@ -12,7 +12,7 @@ import sys
 from twisted.trial import unittest
 
 from twisted_graceful import cli
-from twisted_graceful.statusfile import update_status_file
+from twisted_graceful.statusfile import read_status, update_status_file
 from twisted_graceful.pidfile import write_pidfile
 
 OLD, NEW = 1000, 2000
@@ -109,6 +109,17 @@ class ReloadTests(unittest.TestCase):
         world = self.world({2: new_serving, 4: upgrade_ok, 6: pidfile_names_new})
         self.assertEqual(world.reload(), cli.EXIT_OK)
         self.assertEqual(world.polls, 6)
+
+    def test_new_generation_killed_as_the_pidfile_names_it(self):
+        # Its entry still says "serving" (a kill -9 leaves no last word): the
+        # entry of a pid that is gone is read as gone, not as serving.
+        def killed_and_named(world):
+            pidfile_names_new(world)
+            world.alive_pids.discard(NEW)
+
+        world = self.world({2: new_serving, 3: upgrade_ok, 4: killed_and_named})
+        self.assertEqual(world.reload(), cli.EXIT_FAILED)
+        self.assertIn(f"pid {NEW} was ready, then exited", world.output())
 
     def test_outcome_before_the_signal_is_not_ours(self):
         world = self.world({6: upgrade_ok, 7: pidfile_names_new, 8: new_serving})
@@ -269,6 +280,28 @@ class StatusCommandTests(unittest.TestCase):
         code, out = self.status()
         self.assertEqual(code, cli.EXIT_OK)
         self.assertIn(f"pid {OLD} is running (no entry in", out)
+
+
+class GoneEntriesTests(unittest.TestCase):
+    def setUp(self):
+        self.path = os.path.join(os.path.abspath(self.mktemp()) + ".status.json")
+
+    def test_entry_of_a_pid_that_is_gone_is_marked_when_read(self):
+        update_status_file(self.path, OLD, {"pid": OLD, "state": "serving"})
+        update_status_file(self.path, NEW, {"pid": NEW, "state": "serving"})
+        doc = read_status(self.path, alive=lambda pid: pid == NEW)
+        self.assertEqual(doc["processes"][str(OLD)]["state"], "gone")
+        self.assertEqual(doc["processes"][str(OLD)]["recorded_state"], "serving")
+        self.assertEqual(doc["processes"][str(NEW)]["state"], "serving")
+
+    def test_exited_entries_stay_exited(self):
+        update_status_file(self.path, OLD, {"pid": OLD, "state": "exited"})
+        doc = read_status(self.path, alive=lambda pid: False)
+        self.assertEqual(doc["processes"][str(OLD)]["state"], "exited")
+
+    def test_without_a_liveness_check_the_file_is_read_as_written(self):
+        update_status_file(self.path, OLD, {"pid": OLD, "state": "serving"})
+        self.assertEqual(read_status(self.path)["processes"][str(OLD)]["state"], "serving")
 
 
 class MainTests(unittest.TestCase):

@@ -141,7 +141,7 @@ class Reload:
         deadline = self.clock() + self.timeout
         outcome = None
         while True:
-            doc = read_status(self.status_file)
+            doc = read_status(self.status_file, alive=self.alive)
             if outcome is None:
                 last = (entry_of(doc, old) or {}).get("last_upgrade")
                 if last and (last.get("finished_at") or 0) >= signalled_at:
@@ -215,7 +215,7 @@ def status(pidfile, out=None, as_json=False, alive=pid_alive):
     except NotRunning as e:
         out.write(f"status: {e}\n")
         return EXIT_NOT_RUNNING
-    doc = read_status(status_path(pidfile))
+    doc = read_status(status_path(pidfile), alive=alive)
     entry = entry_of(doc, pid)
     if as_json:
         out.write(json.dumps(entry or {"pid": pid}, indent=1, sort_keys=True) + "\n")

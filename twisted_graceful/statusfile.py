@@ -27,11 +27,16 @@ def status_path(pidfile):
     return pidfile + STATUS_SUFFIX
 
 
-def read_status(path):
+def read_status(path, alive=None):
     """
     The status file's content (C{{"processes": {"<pid>": entry}}}), or
     C{None} if it is missing or unreadable. Written with C{os.replace}, it is
     never seen half-written.
+
+    @param alive: a liveness check (C{pid_alive}). With it, the entry of a
+        process that is gone without a last word (C{kill -9}, a crash) reads
+        C{"state": "gone"}, the state it last wrote kept as
+        C{"recorded_state"}; without it, the file is read as written.
     """
     try:
         with open(path) as f:
@@ -40,6 +45,12 @@ def read_status(path):
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("processes"), dict):
         return None
+    if alive is not None:
+        for pid, entry in doc["processes"].items():
+            if isinstance(entry, dict) and entry.get("state") not in ("exited", "gone") \
+                    and pid.isdigit() and not alive(int(pid)):
+                entry["recorded_state"] = entry.get("state")
+                entry["state"] = "gone"
     return doc
 
 
