@@ -392,6 +392,15 @@ class BadValueTests(ClearErrorMixin, unittest.TestCase):
                                  env={"LISTEN_FDS": "many", "LISTEN_FDNAMES": "http"})
         self.assertClearError(result, "LISTEN_FDS='many' is not a positive number")
 
+    def test_absurd_count_is_bounded_by_the_fd_limit(self):
+        # Was a 25.8 MB message for 1000000 and gigabytes for 100000000.
+        for count in ("1000000", "100000000"):
+            result = self.run_twistd(*self.HTTP_ONLY, objects=[self.listening()],
+                                     env={"LISTEN_FDS": count})
+            self.assertClearError(result, f"LISTEN_FDS={count} passes more sockets than this "
+                                          f"process can have", "RLIMIT_NOFILE")
+            self.assertLess(len(result.stdout + result.stderr), 5000)
+
     def test_not_a_listening_socket(self):
         a, b = socket.socketpair()
         self.addCleanup(a.close)

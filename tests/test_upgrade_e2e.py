@@ -504,6 +504,9 @@ class BadInputTests(ClearErrorMixin, unittest.TestCase):
             ("http=77," + OTHERS, "fd 77 is not open"),
             ("txn=5", "has no listener named 'http'"),
             ("http=77,ftp=79," + OTHERS, "passes 'ftp', which this generation has no option for"),
+            # Absurd numbers: bounded by the fd limit, not an OverflowError traceback.
+            ("http=99999999999999999999," + OTHERS, "RLIMIT_NOFILE"),
+            ("http=" + "9" * 5000, "too long"),
         ]:
             result = self.run_twistd("--port", LOOPBACK, env={"GRACEFUL_LISTENERS": value})
             self.assertClearError(result, "GRACEFUL_LISTENERS", message)
