@@ -344,6 +344,24 @@ class InheritGenerationTests(SynchronousTestCase):
     def test_emptyRejected(self):
         self.assertRejected("")
 
+    def test_absurdlyLongIsRejectedBriefly(self):
+        error = self.assertRaises(HandoffError, inherit_generation,
+                                  {GENERATION_ENV: "9" * 100000})
+        self.assertLess(len(str(error)), 400)
+
+
+class InheritParentPidTests(SynchronousTestCase):
+    def test_pid(self):
+        self.assertEqual(handoff.inherit_parent_pid({handoff.PARENT_PID_ENV: "4242"}), 4242)
+
+    def test_absurd_values_are_one_short_error(self):
+        # 5000 digits passed isdigit() and made int() raise: a traceback.
+        for text in ("9" * 5000, "99999999999999999999", "0", "x"):
+            error = self.assertRaises(HandoffError, handoff.inherit_parent_pid,
+                                      {handoff.PARENT_PID_ENV: text})
+            self.assertIn(handoff.PARENT_PID_ENV, str(error))
+            self.assertLess(len(str(error)), 400)
+
 
 class InheritStdioFdsTests(SynchronousTestCase):
     def pipe(self):

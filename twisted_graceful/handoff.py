@@ -94,7 +94,8 @@ def _fd_number(variable, text, value=None):
         raise HandoffError(f"{variable}={shorten(value)}: fd {shorten(fd, 30)} is beyond "
                            f"this process's limit of {limit} open files (RLIMIT_NOFILE)")
     if fd < 3:
-        raise HandoffError(f"{variable}={value!r}: fd {fd} is stdin/stdout/stderr, not a handoff fd")
+        raise HandoffError(f"{variable}={shorten(value)}: fd {fd} is stdin/stdout/stderr, not a "
+                           f"handoff fd")
     return fd
 
 
@@ -112,13 +113,13 @@ def parse_listener_map(text, variable=LISTENERS_ENV):
         name, sep, fd_text = item.strip().partition("=")
         if not sep or not _NAME.match(name):
             raise HandoffError(
-                f"{variable}={text!r}: {item!r} is not of the form name=fd"
+                f"{variable}={shorten(text)}: {shorten(item, 40)} is not of the form name=fd"
             )
         if name in result:
-            raise HandoffError(f"{variable}={text!r}: listener {name!r} is named twice")
+            raise HandoffError(f"{variable}={shorten(text)}: listener {name!r} is named twice")
         fd = _fd_number(variable, fd_text, text)
         if fd in result.values():
-            raise HandoffError(f"{variable}={text!r}: fd {fd} is given to two listeners")
+            raise HandoffError(f"{variable}={shorten(text)}: fd {fd} is given to two listeners")
         result[name] = fd
     return result
 
@@ -339,8 +340,8 @@ def inherit_parent_pid(environ):
     if text is None:
         raise HandoffError(f"{PARENT_PID_ENV} is missing: the previous generation did not say "
                            f"who it is")
-    if not text.isdigit() or not 0 < int(text) < 2 ** 31:
-        raise HandoffError(f"{PARENT_PID_ENV}={text!r}: not a process ID")
+    if not text.isdigit() or len(text) > 10 or not 0 < int(text) < 2 ** 31:
+        raise HandoffError(f"{PARENT_PID_ENV}={shorten(text)}: not a process ID")
     return int(text)
 
 
@@ -365,7 +366,7 @@ def inherit_generation(environ, role=SUCCESSOR):
         if not lowest <= generation < 2 ** 31:
             raise ValueError(generation)
     except ValueError:
-        raise HandoffError(f"{GENERATION_ENV}={text!r}: not a generation number "
+        raise HandoffError(f"{GENERATION_ENV}={shorten(text)}: not a generation number "
                            f"({lowest} or more)")
     return generation
 
@@ -380,7 +381,7 @@ def inherit_stdio_fds(environ):
         return None
     parts = text.split(",")
     if len(parts) != 2:
-        raise HandoffError(f"{STDIO_FDS_ENV}={text!r}: expected two fds: stdout,stderr")
+        raise HandoffError(f"{STDIO_FDS_ENV}={shorten(text)}: expected two fds: stdout,stderr")
     fds = tuple(_fd_number(STDIO_FDS_ENV, p, text) for p in parts)
     for fd in fds:
         try:
