@@ -23,6 +23,13 @@ else (docs/design.md, "What the code relies on").
     SIGCHLD handling would neither reap them nor tell us they exited.
   - L{GenericHTTPChannelProtocol}: C{twisted.web.http._GenericHTTPChannelProtocol},
     the wrapper C{Site.buildProtocol} puts around every C{HTTPChannel}.
+  - C{twisted_graceful.http.DrainableHTTPChannel}'s request limits (414, 431,
+    413, 408) read C{HTTPChannel._receivedHeaderSize},
+    C{_receivedHeaderCount}, C{_handlingRequest} and C{_transferDecoder}
+    (whose C{dataCallback}/C{finishCallback} count a chunked body), and
+    C{LineReceiver._buffer}: Twisted answers those cases with a bare 400 or a
+    silent close, and offers no hook. C{tests/test_http_limits.py} fails if
+    they change.
 """
 
 import fcntl
