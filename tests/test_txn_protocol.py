@@ -523,6 +523,13 @@ class HalfCloseTests(ProtocolTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.store.txns, [])
 
+    def test_doubled_carriage_returns_are_a_line_ending(self):
+        # printf 'SET k 1\r\n' | socat - TCP:...,crlf sends "SET k 1\r\r\n".
+        self.connect()
+        self.replies()
+        self.proto.dataReceived(b"SET k 1\r\r\nGET k\r\r\n")
+        self.assertEqual(self.replies(), ["250 committed txid=1 k=1", "250 k=1"])
+
     def test_fin_on_an_idle_connection_closes_it(self):
         self.connect()
         self.proto.readConnectionLost()

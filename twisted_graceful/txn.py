@@ -249,8 +249,9 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
                 return None
             line = bytes(self._buffer[:newline])
             del self._buffer[:newline + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
+            # CRLF or LF; CRs doubled by a client that adds CR to every LF
+            # (socat's crlf option on input that had CRLF already) too.
+            line = line.rstrip(b"\r")
             if len(line) > self.max_line:
                 return _TOO_LONG
             return line
