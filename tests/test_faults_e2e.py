@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 
 from twisted.trial import unittest
@@ -150,3 +151,35 @@ class LostDatabaseTests(unittest.TestCase):
         # the lost file possible.
         os.makedirs(data)
         self.assertRegex(client.ask("INCR k"), r"^557 ")
+
+
+def chattr(flag, path):
+    return subprocess.run(["chattr", flag, path], capture_output=True).returncode == 0
+
+
+class UnwritableDatabaseUpgradeTests(unittest.TestCase):
+    """
+    A database the server cannot write must fail the next generation's
+    upgrade, not be declared ready. File modes do not stop root (the
+    unprivileged checks are in test_store_faults); the immutable flag does.
+    """
+
+    def test_upgrade_onto_an_immutable_database_fails_and_the_old_one_serves(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("chattr +i needs root (test_store_faults covers users)")
+        server = graceful(self)
+        pid, ports = server.wait_listening()
+        server.wait_ready(1)
+        client = TxnClient(ports["txn"])
+        self.addCleanup(client.close)
+        self.assertRegex(client.ask("SET k 1"), r"^250 committed")
+        if not chattr("+i", server.db):
+            raise unittest.SkipTest("this filesystem has no immutable flag")
+        self.addCleanup(chattr, "-i", server.db)
+        server.signal(pid, signal.SIGHUP)
+        server.wait_for(r"Upgrade failed: pid (\d+) exited with status \d+ before it was ready")
+        server.wait_for(rf"--db {server.db}: this user \(uid 0\) cannot open it for writing")
+        self.assertEqual(client.ask("GET k"), "250 k=1")
+        status, body, _ = http_get(ports["http"], "/")
+        self.assertEqual(status, 200)
+        self.assertIn("generation 1", body)

@@ -153,7 +153,7 @@ class ReadOnlyDatabaseTests(unittest.TestCase):
         message = as_unprivileged(parse)
         self.assertIsNotNone(message)
         self.assertIn(path, message)
-        self.assertIn("permission denied", message)
+        self.assertIn("permission denied", message.lower())
         self.assertEqual(message.count("\n"), 0)
 
     def test_unwritable_directory_is_named_at_start_up(self):
@@ -166,7 +166,7 @@ class ReadOnlyDatabaseTests(unittest.TestCase):
 
         message = as_unprivileged(check)
         self.assertIn(directory, message)
-        self.assertIn("permission denied", message)
+        self.assertIn("permission denied", message.lower())
 
     def test_writable_database_has_no_problem(self):
         directory = directory_for_nobody(self)
