@@ -209,6 +209,20 @@ class LostDatabaseTests(unittest.TestCase):
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
+    def test_a_new_connection_failing_on_a_lost_file_says_the_file_is_gone(self):
+        # adbapi runs an interaction on whichever pool thread is free: one
+        # that opens a new connection fails in sqlite3.connect ("unable to
+        # open database file") before any check of ours runs.
+        yield self.store.commit([("set", "a", "1")])
+        shutil.rmtree(self.directory)
+
+        def opening(txn):
+            raise sqlite3.OperationalError("unable to open database file")
+
+        error = yield self.assertFailure(self.store._run(opening), self.unusable_error())
+        self.assertIn("gone", str(error))
+
+    @defer.inlineCallbacks
     def test_commit_after_the_file_is_replaced_is_refused(self):
         yield self.store.commit([("set", "a", "1")])
         os.rename(self.path, self.path + ".moved")

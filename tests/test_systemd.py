@@ -19,6 +19,8 @@ from twisted_graceful import systemd
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.inherit import Inheritance
 
+from tests.e2e import short_temp_dir
+
 PID = 4242
 
 
@@ -112,7 +114,7 @@ class AdoptTests(unittest.TestCase):
         self.assertNotIn("LISTEN_FDS", env)
 
     def test_unix_socket(self):
-        path = os.path.abspath(self.mktemp())
+        path = os.path.join(short_temp_dir(self), "app.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
         sock.bind(path)
