@@ -89,12 +89,12 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         self.persistent = False
         self.loseConnection()
 
-    def _head_too_big(self, what):
+    def _head_too_big(self):
         if self._head_lines == 0:
             self._refuse(414, f"the request line is too long (over {self.MAX_LENGTH} bytes)")
         else:
-            self._refuse(431, f"the request's {what} is too big (at most {self.maxHeaders} "
-                              f"headers, {self.totalHeadersSize} bytes in all)")
+            self._refuse(431, f"the request's header block is too big (at most "
+                              f"{self.maxHeaders} headers, {self.totalHeadersSize} bytes in all)")
 
     def dataReceived(self, data):
         if data and self.line_mode and not self._handlingRequest:
@@ -104,11 +104,11 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         super().dataReceived(data)
 
     def lineLengthExceeded(self, line):
-        self._head_too_big("header block")
+        self._head_too_big()
 
     def lineReceived(self, line):
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._head_too_big("header block")
+            self._head_too_big()
             return
         if line or self._head_lines:
             self._head_lines += 1
@@ -116,7 +116,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
 
     def headerReceived(self, line):
         if self._receivedHeaderCount >= self.maxHeaders:
-            self._head_too_big("header block")
+            self._head_too_big()
             return False
         return super().headerReceived(line)
 
@@ -129,7 +129,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             # Refused on its Content-Length, before a byte of the body is read
             # (and instead of "100 Continue").
             self.length = None  # no body to wait for: what follows is dropped
-            self._refuse(413, f"the request body is {self.length_text()} bytes; this server "
+            self._refuse(413, f"the request body is {self._length_text()} bytes; this server "
                               f"accepts at most {limit} bytes")
             return
         self.requests[-1]._graceful_started = True
@@ -138,7 +138,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             self._count_body(decoder, limit)
         super().allHeadersReceived()
 
-    def length_text(self):
+    def _length_text(self):
         request = self.requests[-1] if self.requests else None
         lengths = request.requestHeaders.getRawHeaders(b"content-length") if request else None
         return lengths[0].decode("ascii", "replace")[:30] if lengths else "?"
