@@ -638,7 +638,7 @@ def pid_in(body):
 def short_temp_dir(testcase):
     """
     A new directory with a short path, removed after the test: AF_UNIX socket
-    paths hold at most 107 bytes, and a clone at an ordinary path (say
+    paths hold at most 107 bytes (docs/design.md, fact 23), and a clone at an ordinary path (say
     /home/<user>/src/...) puts trial's _trial_temp beyond that.
     """
     base = "/tmp" if os.path.isdir("/tmp") else None

@@ -1,7 +1,8 @@
 """
 The store under faults: the database's file removed or replaced while in use,
 and a database this user cannot write. Permission tests run as an unprivileged
-user (root ignores file modes): in a forked child that drops to C{nobody}.
+user (root ignores file modes, docs/design.md fact 22): in a forked child that
+drops to C{nobody}.
 """
 
 import os

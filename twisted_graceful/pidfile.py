@@ -44,7 +44,8 @@ def atomic_write(path, data, mode):
     Replace C{path} with C{data} (text) atomically: a reader sees the old
     content or the new, never half of it.
 
-    The temporary file is made by C{tempfile.mkstemp} in the same directory:
+    The temporary file (docs/design.md, fact 26) is made by C{tempfile.mkstemp}
+    in the same directory:
     an unpredictable name, created with C{O_CREAT|O_EXCL|O_NOFOLLOW}, so a
     symlink planted in advance is never followed. Its mode is set to C{mode}
     explicitly (the umask is not trusted), it is flushed to disk, then renamed

@@ -66,9 +66,10 @@ class _Transaction:
 @implementer(interfaces.IHalfCloseableProtocol)
 class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
     """
-    One connection. It is half-closeable: a client that sends its commands
-    and then its FIN (C{printf ... | socat}) still gets every reply, in
-    order; the server closes once the last one is written.
+    One connection. It is half-closeable (docs/design.md, fact 24): a client
+    that sends its commands and then its FIN (C{printf ... | socat}) still
+    gets every reply, in order; the server closes once the last one is
+    written.
     """
 
     protocol_name = "txn"
