@@ -175,6 +175,52 @@ class ReadOnlyDatabaseTests(unittest.TestCase):
         self.assertIsNone(as_unprivileged(store_module.open_problem, path))
 
 
+class FlakyWalSwitch:
+    """
+    A connection whose switch to WAL mode meets "database is locked" at once
+    the first C{failures} times, as a fresh database opened by several
+    connections at the same moment does (SQLite does not wait for that lock).
+    """
+
+    def __init__(self, failures):
+        self.failures = failures
+        self.statements = []
+
+    def execute(self, statement, *args):
+        self.statements.append(statement)
+        if "journal_mode" in statement:
+            if self.failures:
+                self.failures -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return FakeCursor([("wal",)])
+        return FakeCursor([])
+
+
+class FakeCursor:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+
+class ConfigureTests(unittest.TestCase):
+    def setUp(self):
+        self.path = os.path.join(short_temp_dir(self), "db.sqlite3")
+        sqlite3.connect(self.path).close()
+
+    def test_wal_switch_that_meets_a_lock_is_retried(self):
+        store = Store(self.path, reactor, busy_timeout=5.0)
+        conn = FlakyWalSwitch(failures=3)
+        store._configure(conn)
+        self.assertEqual(sum("journal_mode" in s for s in conn.statements), 4)
+
+    def test_wal_switch_gives_up_after_the_busy_timeout(self):
+        store = Store(self.path, reactor, busy_timeout=0.05)
+        self.assertRaises(sqlite3.OperationalError, store._configure,
+                          FlakyWalSwitch(failures=10 ** 9))
+
+
 class LostDatabaseTests(unittest.TestCase):
     """
     SQLite keeps writing into a file that was unlinked: a commit there would
