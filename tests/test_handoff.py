@@ -523,3 +523,23 @@ class ParseReadyMessageTests(SynchronousTestCase):
 
     def test_missingPid(self):
         self.assertRaises(ValueError, self.parse, b"READY \n")
+
+
+class InheritMasterWorkersTests(SynchronousTestCase):
+    """
+    The workers a re-executed master adopts, as its previous self wrote them.
+    """
+
+    def inherit(self, text):
+        return handoff.inherit_master_workers({handoff.MASTER_WORKERS_ENV: text})
+
+    def test_workers(self):
+        self.assertEqual(self.inherit("4242:3,4243:2:draining"),
+                         [(4242, 3, False), (4243, 2, True)])
+
+    def test_absurd_numbers_are_one_short_error(self):
+        # 5000 digits passed isdigit() and made int() raise: a traceback.
+        for text in ("9" * 5000 + ":1", "4242:" + "9" * 5000, "4242:1," * 5000 + "x"):
+            error = self.assertRaises(HandoffError, self.inherit, text)
+            self.assertIn(handoff.MASTER_WORKERS_ENV, str(error))
+            self.assertLess(len(str(error)), 400)

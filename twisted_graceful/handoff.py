@@ -204,9 +204,10 @@ def inherit_master_workers(environ):
     for item in filter(None, text.split(",")):
         parts = item.split(":")
         if (len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1].isdigit()
+                or len(parts[0]) > 10 or len(parts[1]) > 10  # int() of thousands of digits raises
                 or int(parts[0]) < 2 or parts[2:] not in ([], ["draining"])):
-            raise HandoffError(f"{MASTER_WORKERS_ENV}={text!r}: {item!r} is not "
-                               f"pid:generation[:draining]")
+            raise HandoffError(f"{MASTER_WORKERS_ENV}={shorten(text)}: {shorten(item, 40)} is "
+                               f"not pid:generation[:draining]")
         workers.append((int(parts[0]), int(parts[1]), len(parts) == 3))
     return workers
 
