@@ -423,7 +423,8 @@ def _parse_reloads(text):
     counts = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name in RELOAD_RESULTS and value.isdigit():
+        # A count, not thousands of digits (int() of those raises).
+        if name in RELOAD_RESULTS and value.isdigit() and len(value) <= 18:
             counts[name] = int(value)
     return counts
 
