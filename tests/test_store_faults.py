@@ -286,3 +286,21 @@ class LostDatabaseTests(unittest.TestCase):
     def test_healthy_store_is_usable(self):
         yield self.store.commit([("set", "a", "1")])
         self.assertIsNone(self.store.unusable())
+
+
+class OpenProblemTests(unittest.TestCase):
+    def test_nothing_is_created_by_the_check(self):
+        # The check runs for every start, a preflight included: it creates
+        # no database.
+        directory = short_temp_dir(self)
+        path = os.path.join(directory, "db.sqlite3")
+        self.assertIsNone(store_module.open_problem(path))
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_file_that_is_not_a_database(self):
+        path = os.path.join(short_temp_dir(self), "db.sqlite3")
+        with open(path, "w") as f:
+            f.write("not a database, " * 100)
+        message = store_module.open_problem(path)
+        self.assertIn(path, message)
+        self.assertIn("not a database", message)
