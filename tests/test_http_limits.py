@@ -5,8 +5,10 @@ read into memory; and a request whose head is not complete has not started,
 so it never holds a draining generation.
 """
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -51,6 +53,9 @@ class LimitsTestCase(unittest.SynchronousTestCase):
         proto = self.site.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
+        # As the reactor would: a request's body (a temporary file once it
+        # may be large) is closed with the connection, not left to the GC.
+        self.addCleanup(proto.connectionLost, Failure(ConnectionDone()))
         return proto, transport
 
     def status(self, transport):
@@ -97,11 +102,15 @@ class BodyLimitTests(LimitsTestCase):
     def test_chunked_body_over_the_limit_is_413(self):
         proto, transport = self.connect()
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        content = proto._channel.requests[0].content
         for _ in range(3):
             proto.dataReceived(b"1f4\r\n" + b"x" * 500 + b"\r\n")
         proto.dataReceived(b"0\r\n\r\n")
         self.assertRefused(transport, 413)
         self.assertEqual(self.resource.bodies, [])
+        # What was received is dropped at once, not kept until the
+        # connection is gone (a chunked body goes to a temporary file).
+        self.assertTrue(content.closed)
 
     def test_default_limit_is_64_kib(self):
         site = GracefulSite(self.resource, reactor=self.clock)

@@ -159,6 +159,9 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
                 decoder.finishCallback = lambda rest: None  # never handled
                 self._refuse(413, f"the request body is over {limit} bytes, the most this "
                                   f"server accepts")
+                content = getattr(self.requests[-1], "content", None) if self.requests else None
+                if content is not None:
+                    content.close()  # what was received is dropped now (a temporary file)
                 return
             deliver(data)
 
