@@ -106,12 +106,12 @@ def make_read_only_database(directory):
     """
     path = os.path.join(directory, "db.sqlite3")
     writer = Store(path, reactor, busy_timeout=1)
-    writer.pool = SyncPool(path, writer._configure)
+    writer.pool = SyncPool(path, writer.backend._configure)
     first = outcome(writer.commit([("set", "a", "1")]))
     writer.pool.conn.close()
     os.chmod(path, 0o444)
     store = Store(path, reactor, busy_timeout=1)
-    store.pool = SyncPool(path, store._configure)
+    store.pool = SyncPool(path, store.backend._configure)
     return {
         "first": first,
         "check": outcome(store.check()),
@@ -212,12 +212,12 @@ class ConfigureTests(unittest.TestCase):
     def test_wal_switch_that_meets_a_lock_is_retried(self):
         store = Store(self.path, reactor, busy_timeout=5.0)
         conn = FlakyWalSwitch(failures=3)
-        store._configure(conn)
+        store.backend._configure(conn)
         self.assertEqual(sum("journal_mode" in s for s in conn.statements), 4)
 
     def test_wal_switch_gives_up_after_the_busy_timeout(self):
         store = Store(self.path, reactor, busy_timeout=0.05)
-        self.assertRaises(sqlite3.OperationalError, store._configure,
+        self.assertRaises(sqlite3.OperationalError, store.backend._configure,
                           FlakyWalSwitch(failures=10 ** 9))
 
 
