@@ -327,7 +327,7 @@ class KVResource(resource.Resource):
                     text = f"outcome unknown: {message}"
                 else:
                     request.setHeader(b"retry-after", b"1")
-                    text = f"not committed: database busy ({message}); try again"
+                    text = f"not committed: {message}; try again"
             request.write(f"{text}\n".encode())
             request.finish()
 
