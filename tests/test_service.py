@@ -289,16 +289,16 @@ class GracefulServiceTests(unittest.TestCase):
         self.assertEqual(self.service.state, "exited")
 
 
-class AcceptOneAtATimeTests(unittest.TestCase):
+class ShareAcceptsTests(unittest.TestCase):
     """
-    Workers sharing a listening socket take one connection per wake-up, so
-    that one worker does not take every queued connection.
+    Workers sharing a listening socket take a few connections per wake-up,
+    so that one worker does not take every queued connection.
     """
 
-    def test_one_connection_per_wake_up(self):
+    def test_a_few_connections_per_wake_up(self):
         from twisted.internet import reactor
 
-        from twisted_graceful._twisted import accept_one_at_a_time
+        from twisted_graceful._twisted import share_accepts
 
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -316,11 +316,11 @@ class AcceptOneAtATimeTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         port.stopReading()  # the test calls doRead itself
         sock.close()
-        accept_one_at_a_time(port)
-        clients = [socket.create_connection(port.socket.getsockname()) for _ in range(3)]
+        share_accepts(port, per_wake_up=2)
+        clients = [socket.create_connection(port.socket.getsockname()) for _ in range(5)]
         for client in clients:
             self.addCleanup(client.close)
         port.doRead()
-        self.assertEqual(len(accepted), 1)
-        port.doRead()  # Twisted raised numberAccepts after the first: still one
         self.assertEqual(len(accepted), 2)
+        port.doRead()  # Twisted raised numberAccepts after the first: still two
+        self.assertEqual(len(accepted), 4)

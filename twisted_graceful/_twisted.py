@@ -7,8 +7,8 @@ else (docs/design.md, "What the code relies on").
     C{connectionLost}. Closing a listening port must never C{shutdown(2)} the
     socket (that stops it in every process sharing it) nor unlink a UNIX
     socket's path (the next generation serves it).
-  - L{accept_one_at_a_time}: C{tcp.Port.numberAccepts}. A port accepts up
-    to 100 queued connections per wake-up (and more each time it empties the
+  - L{share_accepts}: C{tcp.Port.numberAccepts}. A port accepts up to 100
+    queued connections per wake-up (and more each time it empties the
     queue): with several workers on one listening socket, the first to wake
     takes every queued connection and the others none.
   - L{ClosedPort}: stands in for a port after C{stopListening}.
@@ -66,23 +66,29 @@ def adopt_listening_port(reactor, sock, factory):
     return port
 
 
-def accept_one_at_a_time(port):
+# Measured with 2 workers on 2 cores (docs/benchmarks.md): 1 balances
+# keep-alive connections but costs the most per new connection; Twisted's
+# 100 sends every keep-alive connection of a burst to one worker; 4 does both.
+ACCEPTS_PER_WAKE_UP = 4
+
+
+def share_accepts(port, per_wake_up=ACCEPTS_PER_WAKE_UP):
     """
-    Make C{port} accept one connection per readiness event, so that workers
-    sharing a listening socket share its connections: the kernel wakes every
-    worker waiting on the socket, each takes one, and a busy worker (not
-    waiting) takes fewer. nginx does the same by default
-    (C{multi_accept off}).
+    Make C{port} accept at most C{per_wake_up} connections per readiness
+    event, so that workers sharing a listening socket share its
+    connections: the kernel wakes every worker waiting on the socket, each
+    takes a few, and a busy worker (not waiting) takes fewer. (nginx's
+    C{multi_accept off} is the same idea with one.)
     """
     if not hasattr(port, "numberAccepts"):
         return port  # not a tcp.Port or unix.Port (a test's fake)
     accept = port.doRead
 
     def doRead():
-        port.numberAccepts = 1  # Twisted raises it after a wake-up that emptied the queue
+        port.numberAccepts = per_wake_up  # Twisted raises it after a wake-up that emptied the queue
         return accept()
 
-    port.numberAccepts = 1
+    port.numberAccepts = per_wake_up
     port.doRead = doRead
     return port
 

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted_graceful import lineage as L
 from twisted_graceful._twisted import (
     ClosedPort,
-    accept_one_at_a_time,
+    share_accepts,
     adopt_listening_port,
     append_to_logfiles,
     protect_twistd_pidfile,
@@ -315,7 +315,7 @@ class GracefulService(service.MultiService):
                 self.reactor, inh.sockets[listener.name], listener.factory)
             if self.is_worker and self._sibling_workers():
                 # Workers share each listening socket: share its connections.
-                accept_one_at_a_time(listener.port)
+                share_accepts(listener.port)
         self.log.info(
             "pid {pid} generation {gen}: {how} {listeners}",
             pid=os.getpid(), gen=self.generation,
