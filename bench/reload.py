@@ -1042,13 +1042,22 @@ def parse_args(argv=None):
     return opts
 
 
-def main(argv=None):
-    opts = parse_args(argv)
-    report = asyncio.run(main_async(opts))
-    print_report(report)
+def run_and_report(parse, run, show, argv=None):
+    """
+    What every benchmark's C{main} does: parse the options, run it, print the
+    report, and write it as JSON with C{--json FILE}.
+    """
+    opts = parse(argv)
+    report = asyncio.run(run(opts))
+    show(report)
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
+    return report
+
+
+def main(argv=None):
+    report = run_and_report(parse_args, main_async, print_report, argv)
     # Correctness decides the exit status; the performance targets are
     # reported (a noisy shared machine can miss them without a regression).
     correctness = [v for k, v in report["targets"].items()

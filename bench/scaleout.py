@@ -26,7 +26,6 @@ haproxy). Loopback only; every loop is bounded in time and count.
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -41,6 +40,7 @@ from bench.reload import (
     check_commits,
     check_posts,
     http_client,
+    run_and_report,
     txn_client,
 )
 from tests import lb, pg
@@ -279,12 +279,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    report = asyncio.run(main_async(opts))
-    print_report(report)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+    report = run_and_report(parse_args, main_async, print_report, argv)
     with_delay = [r for r in report["variants"] if r["shutdown_delay"] > 0]
     return 0 if all(r["failed_total"] == 0 for r in with_delay) else 1
 

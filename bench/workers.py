@@ -18,7 +18,6 @@ Every load loop is bounded in time and count, and only 127.0.0.1 is used.
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -37,6 +36,7 @@ from bench.reload import (
     check_commits,
     check_posts,
     http_client,
+    run_and_report,
     txn_client,
 )
 from twisted_graceful.statusfile import read_status
@@ -373,12 +373,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    report = asyncio.run(main_async(opts))
-    print_report(report)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    report = run_and_report(parse_args, main_async, print_report, argv)
     u = report.get("under_load")
     ok = u is None or (u["failures_during_upgrades"] == 0 and u["txn_check"]["lost"] == 0)
     return 0 if ok else 1

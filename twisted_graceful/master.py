@@ -39,7 +39,6 @@ from twisted_graceful.lifecycle import (
     UPGRADING,
     StateMachine,
     stop_reactor,
-    upgrade_backoff,
 )
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 from twisted_graceful.pidfile import remove_pidfile_if_own

@@ -37,7 +37,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -708,6 +707,6 @@ def install(graceful, description, option="--metrics-port", http_site=None, txn_
 __all__ = [
     "GracefulMetrics", "MasterMetrics", "MetricsSite", "ProcessStatus", "StatusFile",
     "StatusResource", "install", "install_master", "master_directory", "read_status",
-    "status_path", "update_status_file", "use_multiprocess", "worker_directory", "RELOADS_ENV",
+    "status_path", "use_multiprocess", "worker_directory", "RELOADS_ENV",
     "MULTIPROC_ENV",
 ]
