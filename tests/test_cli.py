@@ -317,3 +317,18 @@ class MainTests(unittest.TestCase):
         path = os.path.abspath(self.mktemp())
         self.assertEqual(cli.main(["status", "--pidfile", path]), cli.EXIT_NOT_RUNNING)
         self.assertEqual(cli.main(["reload", "--pidfile", path]), cli.EXIT_NOT_RUNNING)
+
+
+class MasterStatusTests(unittest.TestCase):
+    def test_since_is_when_the_current_workers_took_over(self):
+        entry = {"role": "master", "state": "serving", "generation": 3,
+                 "serving_since": 1000.0,
+                 "last_upgrade": {"result": "ok", "finished_at": 2000.0,
+                                  "duration_seconds": 0.2},
+                 "workers": [{"pid": 11, "generation": 3, "state": "serving"},
+                             {"pid": 12, "generation": 2, "state": "draining"}]}
+        lines = cli.master_status(10, entry, alive=lambda pid: pid == 11)
+        self.assertEqual(lines[0], f"master pid 10: serving, workers generation 3 since "
+                                   f"{cli._when(2000.0)}")
+        self.assertEqual(lines[1], "  worker pid 11 generation 3: serving")
+        self.assertNotIn("worker pid 12", "\n".join(lines))

@@ -261,14 +261,16 @@ def master_status(pid, entry, alive=pid_alive):
     """
     A master's status: itself, each worker, the last upgrade.
     """
+    outcome = entry.get("last_upgrade")
+    since = entry.get("serving_since")
+    if outcome and outcome.get("result") == "ok" and outcome.get("finished_at"):
+        since = outcome["finished_at"]  # when the current generation took over
     lines = [f"master pid {pid}: {entry.get('state')}, workers generation "
-             f"{entry.get('generation')}"
-             + (f" since {_when(entry['serving_since'])}" if entry.get("serving_since") else "")]
+             f"{entry.get('generation')}" + (f" since {_when(since)}" if since else "")]
     for worker in entry.get("workers") or []:
         if alive(worker.get("pid")):
             lines.append(f"  worker pid {worker.get('pid')} generation {worker.get('generation')}"
                          f": {worker.get('state')}")
-    outcome = entry.get("last_upgrade")
     if outcome and outcome.get("result") == "ok":
         lines.append(f"last upgrade ok at {_when(outcome.get('finished_at'))}: every new worker "
                      f"ready after {_seconds(outcome.get('duration_seconds'))}")
