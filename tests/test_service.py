@@ -7,7 +7,7 @@ everything the next one can do (a recorded spawnProcess, no real process).
 import os
 import socket
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -277,6 +277,30 @@ class GracefulServiceTests(unittest.TestCase):
         self.assertEqual(read_pid(self.pidfile), os.getpid())
         self.assertIn("was killed by SIGKILL after it took over",
                       self.service.lifecycle.last_outcome.error)
+
+    def test_a_readiness_check_that_never_answers_fails_at_the_deadline(self):
+        """
+        A starting generation whose check hangs gives up by its ready
+        timeout (x 0.9) instead of starting for ever.
+        """
+        reactor = SpawningReactor()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        service = GracefulService(
+            reactor, environ={}, inheritance=Inheritance({"http": sock}, source="bound"),
+            install_signal_handlers=False, ready_timeout=10.0)
+        service.add_listener("http", "tcp:0:interface=127.0.0.1", protocol.Factory())
+        service.add_readiness_check(lambda: defer.Deferred())
+        gave_up = []
+        service._give_up = lambda status, why: gave_up.append((status, why))
+        service.startService()
+        self.addCleanup(lambda: [p.socket.close() for p in reactor.ports])
+        reactor.advance(8.9)
+        self.assertEqual(gave_up, [])
+        reactor.advance(0.2)
+        self.assertEqual(len(gave_up), 1)
+        self.assertIn("not ready after 1 attempt(s)", gave_up[0][1])
 
     def test_stop_during_upgrade_waits_for_the_unready_child(self):
         spawned = self.spawn()

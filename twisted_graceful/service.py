@@ -337,7 +337,11 @@ class GracefulService(service.MultiService):
         while True:
             try:
                 for check in self.readiness_checks:
-                    yield defer.maybeDeferred(check)
+                    # A check that never answers must not keep us starting
+                    # for ever (holding the sockets, with nobody to stop us
+                    # if our parent is gone): it fails at our deadline.
+                    remaining = max(deadline - self.reactor.seconds(), 0.001)
+                    yield defer.maybeDeferred(check).addTimeout(remaining, self.reactor)
                 break
             except Exception as e:
                 delay = READINESS_RETRY(attempt)
