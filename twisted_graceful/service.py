@@ -333,14 +333,16 @@ class GracefulService(service.MultiService):
         # child is our own --ready-timeout.
         timeout = self.inheritance.ready_timeout or self.ready_timeout
         deadline = self.reactor.seconds() + timeout * 0.9
+        hard_deadline = self.reactor.seconds() + timeout
         attempt = 0
         while True:
             try:
                 for check in self.readiness_checks:
                     # A check that never answers must not keep us starting
                     # for ever (holding the sockets, with nobody to stop us
-                    # if our parent is gone): it fails at our deadline.
-                    remaining = max(deadline - self.reactor.seconds(), 0.001)
+                    # if our parent is gone): it fails once the whole ready
+                    # timeout is over (a parent that lives stops us first).
+                    remaining = max(hard_deadline - self.reactor.seconds(), 0.001)
                     yield defer.maybeDeferred(check).addTimeout(remaining, self.reactor)
                 break
             except Exception as e:
