@@ -726,3 +726,13 @@ class ClearErrorMixin:
         for fragment in fragments:
             self.assertIn(fragment, output)
 
+
+def unless_required(reason):
+    """
+    Why a test of a real server (PostgreSQL, HAProxy) cannot run here, or
+    L{None}; with C{GRACEFUL_REQUIRE_SERVERS} set (as .ci/run does), a missing
+    server is an error instead of a skip.
+    """
+    if reason and os.environ.get("GRACEFUL_REQUIRE_SERVERS"):
+        raise RuntimeError(f"GRACEFUL_REQUIRE_SERVERS is set (as .ci/run does) but {reason}")
+    return reason

@@ -16,15 +16,13 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.e2e import REPO, unless_required
+
 CONFIG = os.path.join(REPO, "contrib", "haproxy", "haproxy.cfg")
 
 
 def unavailable():
-    reason = _unavailable()
-    if reason and os.environ.get("GRACEFUL_REQUIRE_SERVERS"):
-        raise RuntimeError(f"GRACEFUL_REQUIRE_SERVERS is set (as .ci/run does) but {reason}")
-    return reason
+    return unless_required(_unavailable())
 
 
 def _unavailable():

@@ -189,3 +189,14 @@ def twistd_config_from_argv(argv):
                 if letter in ("l", "d") and value is not None:
                     config[keys["-" + letter]] = value
     return config
+
+
+def resolve_command(command, cwd):
+    """
+    C{(executable, args)} for a process that runs our own code again (the
+    next generation, or a worker): C{command} as given (a tuple, or a
+    callable returning one), else our own twistd command line.
+    """
+    if command is not None:
+        return command() if callable(command) else command
+    return next_generation_command(twistd_config_from_argv(sys.argv), sys.argv, cwd)

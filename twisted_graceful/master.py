@@ -29,8 +29,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twisted_graceful import handoff
-from twisted_graceful._twisted import watch_adopted_child
-from twisted_graceful.command import next_generation_command, twistd_config_from_argv
+from twisted_graceful._twisted import protect_twistd_pidfile, watch_adopted_child
+from twisted_graceful.command import resolve_command
 from twisted_graceful.lifecycle import (
     EXITED,
     SERVING,
@@ -40,6 +40,7 @@ from twisted_graceful.lifecycle import (
     StateMachine,
     stop_reactor,
 )
+from twisted_graceful.listeners import describe_socket
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 from twisted_graceful.pidfile import remove_pidfile_if_own
 
@@ -602,8 +603,6 @@ class MasterService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
-        from twisted_graceful._twisted import protect_twistd_pidfile
-
         protect_twistd_pidfile()
         self.log.info("master pid {pid}: listening on {listeners}; {what}",
                       pid=os.getpid(), listeners=", ".join(self.describe_listeners().values()),
@@ -620,8 +619,6 @@ class MasterService(service.Service):
             self.master.start()
 
     def describe_listeners(self):
-        from twisted_graceful.listeners import describe_socket
-
         return {name: f"{name}={describe_socket(sock)}" for name, sock in self.listeners.items()}
 
     def upgrade(self, reason="upgrade requested"):
@@ -630,9 +627,7 @@ class MasterService(service.Service):
         return self.master.request_upgrade(reason)
 
     def _next_command(self):
-        if self.command is not None:
-            return self.command() if callable(self.command) else self.command
-        return next_generation_command(twistd_config_from_argv(sys.argv), sys.argv, self.cwd)
+        return resolve_command(self.command, self.cwd)
 
     def _spawn_worker(self, master, generation):
         executable, args = self._next_command()
@@ -740,8 +735,6 @@ class MasterService(service.Service):
         seconds later the workers drain as on any stop. A second SIGTERM or
         SIGINT ends the delay at once.
         """
-        import signal
-
         d = defer.Deferred()
 
         def over():

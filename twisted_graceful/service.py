@@ -32,7 +32,7 @@ from twisted_graceful._twisted import (
     protect_twistd_pidfile,
 )
 from twisted_graceful.child import ReadyPipe, take_over_stdio
-from twisted_graceful.command import next_generation_command, twistd_config_from_argv
+from twisted_graceful.command import resolve_command
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
 from twisted_graceful.handoff import WORKER, WORKERS_ENV
 from twisted_graceful.inherit import Inheritance
@@ -450,9 +450,7 @@ class GracefulService(service.MultiService):
         return self.lifecycle.request_upgrade(reason)
 
     def _next_command(self):
-        if self.command is not None:
-            return self.command() if callable(self.command) else self.command
-        return next_generation_command(twistd_config_from_argv(sys.argv), sys.argv, self.cwd)
+        return resolve_command(self.command, self.cwd)
 
     def _spawn_next(self, lifecycle):
         executable, args = self._next_command()
