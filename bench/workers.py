@@ -72,8 +72,9 @@ class Cluster:
     `twistd graceful --workers N`, followed through its status file.
     """
 
-    def __init__(self, workers, workdir, extra=()):
+    def __init__(self, workers, workdir, extra=(), env=None):
         self.workers = workers
+        self.env = env or {}
         self.cwd = tempfile.mkdtemp(dir=workdir, prefix=f"workers{workers}-")
         self.pidfile = os.path.join(self.cwd, "twistd.pid")
         self.db = os.path.join(self.cwd, "bench.sqlite3")
@@ -89,7 +90,7 @@ class Cluster:
         self.proc = await asyncio.create_subprocess_exec(
             *self.args, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=REPO), start_new_session=True)
+            env=dict(os.environ, PYTHONPATH=REPO, **self.env), start_new_session=True)
         self.master = self.proc.pid
         entry = await self.wait(1)
         worker = entry["workers"][0]["pid"]
@@ -178,40 +179,96 @@ async def wrk(port, seconds, connections, close):
     }
 
 
+def _spin(seconds):
+    """
+    Count loop iterations for C{seconds} of wall time (the machine's
+    ceiling: what two busy processes get against one).
+    """
+    n = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(10000):
+            n += 1
+    return n
+
+
+async def machine_ceiling(seconds):
+    """
+    Iterations of a pure-CPU loop in 2 processes at once against 1: how much
+    of a second core this machine really gives now (a shared VM gives less
+    than 2), measured in the same run as the servers.
+    """
+    loop = asyncio.get_running_loop()
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(2) as pool:
+        await loop.run_in_executor(pool, _spin, 0.1)  # both processes started
+        one = await loop.run_in_executor(pool, _spin, seconds)
+        two = await asyncio.gather(*(loop.run_in_executor(pool, _spin, seconds)
+                                     for _ in range(2)))
+    return sum(two) / one
+
+
+# (name, workers, environment): the baseline, the server as shipped, and the
+# shared listening sockets watched without EPOLLEXCLUSIVE (--compare-exclusive).
+VARIANTS = [("workers1", 1, {}), ("workers2", 2, {})]
+NO_EXCLUSIVE = ("workers2_no_exclusive", 2, {"GRACEFUL_EPOLL_EXCLUSIVE": "0"})
+
+
 async def throughput(opts, workdir):
     if not shutil.which("wrk"):
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
-    clusters = {n: await Cluster(n, workdir).start() for n in (1, 2)}
-    results = {(n, close): [] for n in (1, 2) for close in (False, True)}
+    variants = VARIANTS + ([NO_EXCLUSIVE] if opts.compare_exclusive else [])
+    clusters = {}
     try:
+        for name, n, env in variants:
+            clusters[name] = await Cluster(n, workdir, env=env).start()
+        results = {(name, close): [] for name, _, _ in variants for close in (False, True)}
+        ceilings = []
         for _ in range(opts.rounds):
+            ceilings.append(await machine_ceiling(min(opts.seconds, 3)))
             for close in (False, True):
-                for n in (1, 2):
-                    cluster = clusters[n]
+                for name, _, _ in variants:
+                    cluster = clusters[name]
                     pids = cluster.pids()
-                    cpu0 = cpu_seconds(pids)
+                    cpu0 = {pid: cpu_seconds([pid]) for pid in pids}
                     r = await wrk(cluster.ports["http"], opts.seconds, opts.connections, close)
-                    r["server_cpu_s"] = cpu_seconds(pids) - cpu0
-                    results[(n, close)].append(r)
+                    used = {pid: cpu_seconds([pid]) - cpu0[pid] for pid in pids}
+                    r["server_cpu_s"] = sum(used.values())
+                    # How evenly the workers shared the load: the least busy
+                    # worker's CPU over the busiest's (1 = even).
+                    workers = [used[pid] for pid in pids if pid != cluster.master]
+                    r["balance"] = min(workers) / max(workers) if max(workers) > 0 else None
+                    results[(name, close)].append(r)
     finally:
         for cluster in clusters.values():
             await cluster.stop()
     out = {"command": f"wrk -t1 -c{opts.connections} -d{opts.seconds}s [-H 'Connection: close'] "
-                      f"http://127.0.0.1:PORT/ ({opts.rounds} interleaved rounds, medians)"}
+                      f"http://127.0.0.1:PORT/ ({opts.rounds} interleaved rounds, medians)",
+           "machine_ceiling": statistics.median(ceilings),
+           "machine_ceiling_range": [min(ceilings), max(ceilings)],
+           "variants": [name for name, _, _ in variants]}
     for close in (False, True):
-        name = "close" if close else "keepalive"
-        med = {n: statistics.median(r["rps"] for r in results[(n, close)]) for n in (1, 2)}
-        out[name] = {
-            "workers1_rps": med[1], "workers2_rps": med[2], "ratio": med[2] / med[1],
-            "ranges": {n: [min(r["rps"] for r in results[(n, close)]),
-                           max(r["rps"] for r in results[(n, close)])] for n in (1, 2)},
-            "server_cpu_s": {n: statistics.median(r["server_cpu_s"] for r in results[(n, close)])
-                             for n in (1, 2)},
-            "wrk_cpu_s": {n: statistics.median(r["wrk_cpu_s"] for r in results[(n, close)])
-                          for n in (1, 2)},
-            "socket_errors": sum(r["socket_errors"] for n in (1, 2)
-                                 for r in results[(n, close)]),
-        }
+        med = {}
+        for name, _, _ in variants:
+            rs = results[(name, close)]
+            rps = statistics.median(r["rps"] for r in rs)
+            server = statistics.median(r["server_cpu_s"] for r in rs)
+            med[name] = {
+                "rps": rps, "range": [min(r["rps"] for r in rs), max(r["rps"] for r in rs)],
+                "server_cpu_s": server,
+                "wrk_cpu_s": statistics.median(r["wrk_cpu_s"] for r in rs),
+                # Server CPU per request: the same in both layouts means the
+                # workers scale and only the cores bound the throughput.
+                "server_cpu_us_per_request": 1e6 * server / (rps * opts.seconds),
+                "socket_errors": sum(r["socket_errors"] for r in rs),
+                "worker_balance": statistics.median(r["balance"] or 0 for r in rs),
+            }
+        base = med["workers1"]
+        for name, r in med.items():
+            r["ratio"] = r["rps"] / base["rps"]
+            r["cpu_per_request_ratio"] = (r["server_cpu_us_per_request"]
+                                          / base["server_cpu_us_per_request"])
+        out["close" if close else "keepalive"] = med
     return out
 
 
@@ -334,11 +391,16 @@ def print_report(report):
         print(t["skipped"])
     else:
         print(t["command"])
-        for name in ("keepalive", "close"):
-            r = t[name]
-            print(f"  {name}: {r['workers1_rps']:.0f} -> {r['workers2_rps']:.0f} req/s, ratio "
-                  f"{r['ratio']:.2f}; server CPU s {r['server_cpu_s']}, wrk CPU s "
-                  f"{r['wrk_cpu_s']}; socket errors {r['socket_errors']}")
+        print(f"  machine ceiling (a CPU loop in 2 processes / 1): {t['machine_ceiling']:.2f} "
+              f"(range {t['machine_ceiling_range'][0]:.2f}-{t['machine_ceiling_range'][1]:.2f})")
+        for mode in ("keepalive", "close"):
+            for name in t["variants"]:
+                r = t[mode][name]
+                print(f"  {mode:9} {name:22} {r['rps']:7.0f} req/s (ratio {r['ratio']:.2f}); "
+                      f"server {r['server_cpu_s']:.1f} CPU s, "
+                      f"{r['server_cpu_us_per_request']:.0f} us/request "
+                      f"({r['cpu_per_request_ratio']:.2f}), balance {r['worker_balance']:.2f}; wrk {r['wrk_cpu_s']:.1f} CPU s; "
+                      f"socket errors {r['socket_errors']}")
     u = report.get("under_load")
     if u is not None:
         print_load(u)
@@ -367,6 +429,8 @@ def parse_args(argv=None):
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--interval", type=float, default=0.5)
+    p.add_argument("--compare-exclusive", action="store_true",
+                   help="also --workers 2 without EPOLLEXCLUSIVE on the shared sockets")
     p.add_argument("--only", help="comma-separated: throughput, load, start (default: all)")
     p.add_argument("--json")
     return p.parse_args(argv)

@@ -348,3 +348,69 @@ class ShareAcceptsTests(unittest.TestCase):
         self.assertEqual(len(accepted), 2)
         port.doRead()  # Twisted raised numberAccepts after the first: still two
         self.assertEqual(len(accepted), 4)
+
+    def _shared_port(self, reactor):
+        from twisted_graceful._twisted import adopt_listening_port, share_accepts
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.setblocking(False)
+        port = adopt_listening_port(reactor, sock, protocol.Factory.forProtocol(protocol.Protocol))
+        self.addCleanup(port.stopListening)
+        return share_accepts(port)
+
+    def _epoll_events(self, reactor, fd):
+        """
+        The event mask the kernel holds for C{fd} in the reactor's epoll set
+        (C{/proc/self/fdinfo} of the epoll descriptor), or None.
+        """
+        with open(f"/proc/self/fdinfo/{reactor._poller.fileno()}") as f:
+            for line in f:
+                fields = line.split()
+                if fields[:1] == ["tfd:"] and int(fields[1]) == fd:
+                    return int(fields[fields.index("events:") + 1], 16)
+        return None
+
+    def test_one_worker_woken_per_connection(self):
+        """
+        On the epoll reactor a shared listening socket is watched with
+        EPOLLEXCLUSIVE, so a new connection wakes one waiting worker, not
+        every one; pausing unregisters it and resuming registers it again.
+        """
+        import select
+
+        from twisted.internet import reactor
+        if not isinstance(getattr(reactor, "_poller", None), getattr(select, "epoll", ())):
+            raise unittest.SkipTest("not the epoll reactor")
+        port = self._shared_port(reactor)
+        fd = port.fileno()
+        self.assertIsNone(self._epoll_events(reactor, fd))  # adopted, not accepting yet
+        port.startReading()
+        self.assertIn(port, reactor.getReaders())
+        events = self._epoll_events(reactor, fd)
+        self.assertTrue(events & select.EPOLLEXCLUSIVE, hex(events))
+        self.assertTrue(events & select.EPOLLIN, hex(events))
+        port.startReading()  # twice is once
+        port.stopReading()
+        self.assertIsNone(self._epoll_events(reactor, fd))
+        self.assertNotIn(port, reactor.getReaders())
+        port.startReading()
+        self.assertTrue(self._epoll_events(reactor, fd) & select.EPOLLEXCLUSIVE)
+
+    def test_exclusive_wake_ups_can_be_switched_off(self):
+        """
+        GRACEFUL_EPOLL_EXCLUSIVE=0 (the benchmark's comparison) keeps
+        Twisted's own registration.
+        """
+        import select
+
+        from twisted.internet import reactor
+        if not isinstance(getattr(reactor, "_poller", None), getattr(select, "epoll", ())):
+            raise unittest.SkipTest("not the epoll reactor")
+        self.patch(os, "environ", dict(os.environ, GRACEFUL_EPOLL_EXCLUSIVE="0"))
+        port = self._shared_port(reactor)
+        port.startReading()
+        events = self._epoll_events(reactor, port.fileno())
+        self.assertFalse(events & select.EPOLLEXCLUSIVE, hex(events))
+        self.assertTrue(events & select.EPOLLIN)
