@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from twisted_graceful.drain import DrainTracker
 from twisted_graceful.hello import HelloResource
 from twisted_graceful.http import GracefulSite
-from twisted_graceful.store import CommitResult, StoreBusy, StoreUnusable, apply_ops, keys_of
+from twisted_graceful.store import CommitResult, KeyReused, StoreBusy, StoreUnusable, apply_ops, keys_of
 
 
 class Identity:
@@ -36,8 +36,10 @@ class FakeStore:
         self.txid = 0
         self.fail = None
         self.unusable_reason = None
+        self.idempotency_keys = []
 
-    def commit(self, ops):
+    def commit(self, ops, idempotency_key=None):
+        self.idempotency_keys.append(idempotency_key)
         if self.fail is not None:
             return defer.fail(self.fail)
         values = apply_ops(ops, {k: self.values.get(k) for k in keys_of(ops)})
@@ -183,6 +185,32 @@ class ValueLimitTests(KVTestCase):
         status, body = self.request(post(b"k" * 251, b"value=v"))
         self.assertEqual(status, 400)
         self.assertOneLine(body, "250")
+
+
+class IdempotencyKeyTests(KVTestCase):
+    def keyed_post(self, key_header):
+        return post(b"k", b"incr=1").replace(
+            b"Content-Length", b"Idempotency-Key: " + key_header + b"\r\nContent-Length")
+
+    def test_the_key_reaches_the_store_quoted_or_bare(self):
+        self.assertEqual(self.request(self.keyed_post(b'"abc-1"'))[0], 200)
+        self.assertEqual(self.request(self.keyed_post(b"abc-2"))[0], 200)
+        self.assertEqual(self.request(post(b"k", b"incr=1"))[0], 200)
+        self.assertEqual(self.store.idempotency_keys, ["abc-1", "abc-2", None])
+
+    def test_a_malformed_key_is_400_and_nothing_is_stored(self):
+        for header in (b'"a b"', b'""', b"x" * 201, b"caf\xc3\xa9"):
+            status, body = self.request(self.keyed_post(header))
+            self.assertEqual(status, 400, header)
+            self.assertOneLine(body, "Idempotency-Key: an idempotency key has", "nothing stored")
+        self.assertEqual(self.store.idempotency_keys, [])
+        self.assertEqual(self.store.values, {})
+
+    def test_a_key_reused_for_another_write_is_422(self):
+        self.store.fail = KeyReused("idempotency key k1 names another transaction (txid=3)")
+        status, body = self.request(self.keyed_post(b"k1"))
+        self.assertEqual(status, 422)
+        self.assertOneLine(body, "not committed: idempotency key k1 names another transaction")
 
 
 class StoreFailureTests(KVTestCase):

@@ -300,3 +300,94 @@ class StoreAcrossWorkersTests(MasterTestCase):
         self.assertEqual(http_get(ports["http"], "/kv/counter")[1].strip(), "100")
         workers = {w["pid"] for w in server.status()[master]["workers"]}
         self.assertTrue(seen <= workers)
+
+    def _txn_session(self, port, lines, replies):
+        """
+        One connection: the greeting's pid, and the last of C{replies}
+        lines read after sending C{lines}.
+        """
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            f = sock.makefile("rb")
+            pid = pid_in(f.readline().decode())
+            sock.sendall(b"".join(line.encode() + b"\r\n" for line in lines))
+            got = [f.readline().decode().strip() for _ in range(replies)]
+            return pid, got
+
+    def _committed_under(self, key, timeout=30):
+        """
+        Wait until the database holds the commit made under idempotency
+        C{key}; return its txid.
+        """
+        import sqlite3
+
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = sqlite3.connect(os.path.join(self.db_dir, "store.sqlite3"), timeout=10)
+            try:
+                row = conn.execute("SELECT txid FROM txns WHERE client_key = ?",
+                                   (key,)).fetchone()
+            except sqlite3.OperationalError:
+                row = None  # no table yet
+            finally:
+                conn.close()
+            if row:
+                return row[0]
+            self.assertLess(time.monotonic(), deadline, f"no commit under {key}")
+            time.sleep(0.02)  # another process commits: nothing to wait on
+
+    def test_a_commit_whose_reply_was_lost_to_a_killed_worker_is_replayed_once(self):
+        """
+        The client sends a transaction under an idempotency key; the worker
+        commits it and is killed with SIGKILL before the client reads the
+        reply. Sent again under the same key, to the replacement worker, it
+        gets the same reply and is not applied again; so does a POST with an
+        Idempotency-Key.
+        """
+        import socket
+
+        server, master, ports = self.start()
+        entry = self.wait_master(server, master, 1)
+        sock = socket.create_connection(("127.0.0.1", ports["txn"]), timeout=30)
+        self.addCleanup(sock.close)
+        victim = pid_in(sock.makefile("rb").readline().decode())
+        sock.sendall(b"BEGIN\r\nINCR counter 5\r\nSET tag t1\r\nCOMMIT c1:1\r\n")
+        txid = self._committed_under("c1:1")
+        post = {"Content-Type": "application/x-www-form-urlencoded",
+                "Idempotency-Key": '"post-1"'}
+        status, first, headers = http_get(ports["http"], "/kv/posted", method="POST",
+                                          body="incr=1", headers=post)
+        self.assertEqual((status, headers.get("Idempotent-Replayed")), (200, None), first)
+        server.signal(victim, signal.SIGKILL)  # the client never read its reply
+        server.wait_gone(victim)
+        sock.close()
+        self.assertIn(victim, {w["pid"] for w in entry["workers"]})
+        deadline = time.monotonic() + 30
+        while True:
+            serving = {w["pid"] for w in server.status().get(master, {}).get("workers") or []
+                       if w["state"] == "serving"}
+            if len(serving) == WORKERS and victim not in serving:
+                break
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)  # the master replaces the worker
+
+        for _ in range(4):  # whichever worker answers
+            pid, replies = self._txn_session(
+                ports["txn"], ["BEGIN", "INCR counter 5", "SET tag t1", "COMMIT c1:1"], 4)
+            self.assertNotEqual(pid, victim)
+            self.assertEqual(replies[3], f"250 committed txid={txid} counter=5 tag=t1")
+            status, again, headers = http_get(ports["http"], "/kv/posted", method="POST",
+                                              body="incr=1", headers=post)
+            self.assertEqual((status, again, headers.get("Idempotent-Replayed")),
+                             (200, first, "true"))
+        self.assertEqual(http_get(ports["http"], "/kv/counter")[1].strip(), "5")
+        self.assertEqual(http_get(ports["http"], "/kv/posted")[1].strip(), "1")
+        # Another write under a used key is refused, and applies nothing.
+        _, replies = self._txn_session(ports["txn"], ["BEGIN", "INCR counter 1", "COMMIT c1:1"], 3)
+        self.assertTrue(replies[2].startswith("554 transaction failed: idempotency key c1:1 "
+                                              "names another transaction"), replies)
+        status, body, _ = http_get(ports["http"], "/kv/posted", method="POST", body="incr=2",
+                                   headers=post)
+        self.assertEqual(status, 422, body)
+        self.assertEqual(http_get(ports["http"], "/kv/counter")[1].strip(), "5")

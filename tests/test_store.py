@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from tests import pg
 from twisted_graceful.store import (
     CommitOutcomeUnknown,
+    KeyReused,
     Store,
     StoreBusy,
     TransactionFailed,
@@ -147,6 +148,51 @@ class StoreContract:
     def test_empty_commit_is_a_programming_error(self):
         self.assertRaises(ValueError, self.store.commit, [])
 
+    @defer.inlineCallbacks
+    def test_a_transaction_sent_again_under_its_key_applies_once(self):
+        """
+        A client that lost the reply sends the same transaction with the same
+        idempotency key: the first result again, nothing applied twice.
+        """
+        ops = [("incr", "n", 5), ("set", "tag", "x")]
+        first = yield self.store.commit(ops, idempotency_key="client-1:42")
+        yield self.store.commit([("incr", "n", 1)])
+        again = yield self.store.commit(ops, idempotency_key="client-1:42")
+        self.assertFalse(first.replayed)
+        self.assertTrue(again.replayed)
+        self.assertEqual((again.txid, again.values), (first.txid, {"n": "5", "tag": "x"}))
+        self.assertEqual(self.read_value("n"), "6")
+        rows = yield self.store.transactions()
+        self.assertEqual(len(rows), 2)
+
+    @defer.inlineCallbacks
+    def test_copies_racing_on_two_pools_apply_once(self):
+        """
+        The same keyed transaction sent through two pools at once (a retry
+        reaching another worker or host while the first copy commits).
+        """
+        other = self.open_store()
+        ops = [("incr", "n", 1)]
+        results = yield defer.gatherResults([
+            (self.store if i % 2 else other).commit(ops, idempotency_key=f"k{i // 4}")
+            for i in range(16)])
+        self.assertEqual(self.read_value("n"), "4")
+        self.assertEqual(sum(not r.replayed for r in results), 4)
+        self.assertEqual(len({r.txid for r in results}), 4)
+
+    @defer.inlineCallbacks
+    def test_a_key_reused_for_other_writes_is_refused(self):
+        yield self.store.commit([("set", "a", "1")], idempotency_key="once")
+        failure = yield self.assertFailure(
+            self.store.commit([("set", "a", "2")], idempotency_key="once"), KeyReused)
+        self.assertIn("idempotency key once names another transaction", str(failure))
+        self.assertEqual(self.read_value("a"), "1")
+
+    def test_a_malformed_key_is_a_programming_error(self):
+        for key in ("", "has space", "x" * 201, "tab\t"):
+            self.assertRaises(ValueError, self.store.commit, [("set", "a", "1")],
+                              idempotency_key=key)
+
 
 class SQLiteStoreTests(StoreContract, unittest.TestCase):
     def make_db(self):
@@ -167,6 +213,30 @@ class SQLiteStoreTests(StoreContract, unittest.TestCase):
 
     def test_a_path_is_sqlite(self):
         self.assertEqual(self.store.description, f"SQLite {self.path} (WAL mode)")
+
+    @defer.inlineCallbacks
+    def test_a_database_from_before_idempotency_keys_gets_the_column(self):
+        """
+        A file written by a release without idempotency keys (what an upgrade
+        finds) keeps its rows and takes keyed commits.
+        """
+        yield self.store.stopService()
+        path = os.path.abspath(self.mktemp())
+        old = sqlite3.connect(path, isolation_level=None)
+        old.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        old.execute("CREATE TABLE txns (txid INTEGER PRIMARY KEY AUTOINCREMENT, committed_at "
+                    "REAL NOT NULL, pid INTEGER NOT NULL, generation INTEGER, ops TEXT NOT NULL,"
+                    " result TEXT NOT NULL)")
+        old.execute("INSERT INTO kv VALUES ('n', '1')")
+        old.execute("INSERT INTO txns (committed_at, pid, ops, result) "
+                    "VALUES (0, 1, '[[\"set\", \"n\", \"1\"]]', '{\"n\": \"1\"}')")
+        old.close()
+        self.path = self.db = path
+        self.store = self.open_store()
+        first = yield self.store.commit([("incr", "n", 1)], idempotency_key="k")
+        again = yield self.store.commit([("incr", "n", 1)], idempotency_key="k")
+        self.assertEqual((first.txid, again.txid, again.replayed), (2, 2, True))
+        self.assertEqual(self.read_value("n"), "2")
 
     @defer.inlineCallbacks
     def test_database_is_in_wal_mode(self):

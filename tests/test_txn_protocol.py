@@ -18,6 +18,7 @@ from twisted_graceful.drain import CONNECTION, TRANSACTION, DrainTracker
 from twisted_graceful.store import (
     CommitOutcomeUnknown,
     CommitResult,
+    KeyReused,
     Store,
     StoreBusy,
     StoreUnusable,
@@ -42,6 +43,7 @@ class FakeStore:
     def __init__(self):
         self.data = {}
         self.txns = []
+        self.keys = {}  # idempotency key -> (txid, ops, values)
         self.hold = False
         self.pending = []
         self.busy = False
@@ -72,10 +74,16 @@ class FakeStore:
     def get(self, key):
         return self._answer(lambda: self.data.get(key))
 
-    def commit(self, ops):
+    def commit(self, ops, idempotency_key=None):
         ops = list(ops)
 
         def apply():
+            if idempotency_key in self.keys:
+                txid, result_ops, values = self.keys[idempotency_key]
+                if result_ops != ops:
+                    raise KeyReused(f"idempotency key {idempotency_key} names another "
+                                    f"transaction (txid={txid})")
+                return CommitResult(txid, values, replayed=True)
             if self.busy:
                 raise StoreBusy("database is locked")
             if self.unknown:
@@ -90,7 +98,10 @@ class FakeStore:
                 else:
                     self.data[key] = values[key]
             self.txns.append(ops)
-            return CommitResult(len(self.txns), {k: values[k] for k in keys})
+            result = {k: values[k] for k in keys}
+            if idempotency_key is not None:
+                self.keys[idempotency_key] = (len(self.txns), ops, result)
+            return CommitResult(len(self.txns), result)
 
         return self._answer(apply)
 
@@ -200,6 +211,32 @@ class CommandTests(ProtocolTestCase):
         self.store.data["a"] = "41"
         self.assertEqual(self.ask("COMMIT"), ["250 committed txid=1 a=42"])
 
+    def test_commit_with_an_idempotency_key_applies_once(self):
+        """
+        A client that lost the reply to its COMMIT reconnects and sends the
+        same transaction under the same key: the first reply again, word for
+        word, and nothing applied twice.
+        """
+        self.send("BEGIN", "INCR n 2", "SET tag t1")
+        self.assertEqual(self.ask("COMMIT c1:1"), ["250 committed txid=1 n=2 tag=t1"])
+        self.lose()
+        self.connect(store=self.store)
+        self.replies()
+        self.send("BEGIN", "INCR n 2", "SET tag t1")
+        self.assertEqual(self.ask("COMMIT c1:1"), ["250 committed txid=1 n=2 tag=t1"])
+        self.assertEqual(self.store.data, {"n": "2", "tag": "t1"})
+        self.assertEqual(len(self.store.txns), 1)
+        self.assertFalse(self.proto.in_transaction())
+
+    def test_an_idempotency_key_reused_for_other_writes_fails(self):
+        self.send("BEGIN", "SET a 1", "COMMIT k")
+        self.send("BEGIN", "SET a 2")
+        self.assertEqual(self.ask("COMMIT k"), [
+            "554 transaction failed: idempotency key k names another transaction (txid=1); "
+            "nothing applied"])
+        self.assertEqual(self.store.data, {"a": "1"})
+        self.assertFalse(self.proto.in_transaction())
+
     def test_commit_with_nothing_to_write(self):
         self.send("BEGIN")
         self.assertEqual(self.ask("COMMIT"), ["250 committed, nothing to write"])
@@ -287,7 +324,7 @@ class BadInputTests(ProtocolTestCase):
         for line, usage in [
             ("BEGIN now", "BEGIN"), ("SET a", "SET key value"), ("SET a b c", "SET key value"),
             ("INCR", "INCR key [n]"), ("INCR a 1 2", "INCR key [n]"), ("DEL", "DEL key"),
-            ("GET", "GET key"), ("GET a b", "GET key"), ("COMMIT x", "COMMIT"),
+            ("GET", "GET key"), ("GET a b", "GET key"), ("COMMIT x y", "COMMIT [idempotency-key]"),
             ("ABORT x", "ABORT"), ("PING x", "PING"), ("SLOW", "SLOW seconds"),
             ("HELP a b", "HELP [command]"), ("QUIT now", "QUIT"),
         ]:
@@ -317,6 +354,19 @@ class BadInputTests(ProtocolTestCase):
         self.assertEqual(self.ask("INCR a"), [
             "554 transaction failed: INCR a would overflow a 64-bit integer; nothing applied"])
         self.assertEqual(self.store.data["a"], str(2**63 - 1))
+
+    def test_a_malformed_idempotency_key_ends_the_transaction(self):
+        self.connect(max_line=1024)
+        self.send("BEGIN", "SET a 1")
+        self.assertEqual(self.ask("COMMIT " + "k" * 201), [
+            "501 an idempotency key has 1 to 200 characters; transaction ended, nothing applied"])
+        self.assertEqual(self.store.data, {})
+        self.assertFalse(self.proto.in_transaction())
+        self.send("BEGIN", "SET a 1")
+        self.assertEqual(self.ask("COMMIT a,b"), [
+            "501 an idempotency key has only letters, digits and _ . : @ + / = -; "
+            "transaction ended, nothing applied"])
+        self.assertEqual(self.store.data, {})
 
     def test_commit_or_abort_without_begin(self):
         self.assertEqual(self.ask("COMMIT"), ["503 COMMIT without BEGIN"])
@@ -781,6 +831,21 @@ class RealStoreTests(ProtocolTestCase):
                                  "250 committed txid=2 apples=6", "550 no such key: nope"])
         rows = yield self.store.transactions()
         self.assertEqual([r["txid"] for r in rows], [1, 2])
+
+    @defer.inlineCallbacks
+    def test_a_keyed_transaction_sent_again_on_a_new_connection_applies_once(self):
+        self.send("BEGIN", "INCR n 1", "COMMIT client7:1")
+        lines = yield self.until_lines(3)
+        self.assertEqual(lines[2], "250 committed txid=1 n=1")
+        self.lose()
+        self.connect(store=self.store, clock=reactor)
+        self.replies()
+        self.send("BEGIN", "INCR n 1", "COMMIT client7:1", "BEGIN", "INCR n 1", "COMMIT client7:2")
+        lines = yield self.until_lines(6)
+        self.assertEqual(lines, ["250 begin", "250 queued", "250 committed txid=1 n=1",
+                                 "250 begin", "250 queued", "250 committed txid=2 n=2"])
+        rows = yield self.store.transactions()
+        self.assertEqual(len(rows), 2)
 
     @defer.inlineCallbacks
     def test_connection_lost_before_commit_leaves_nothing(self):

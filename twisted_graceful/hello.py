@@ -258,9 +258,16 @@ class KVResource(resource.Resource):
         C{POST /kv/<key>} with a form body C{incr=N} or C{value=V}: one
         committed transaction, answered with its txid once it is committed
         (a non-idempotent request, for checking nothing is applied twice).
+
+        With an C{Idempotency-Key} header (the IETF httpapi draft's), at most
+        once: a client that lost the response (a cut connection, a killed
+        worker) sends the same request again and gets the first commit's
+        response again, marked C{Idempotent-Replayed: true}; the same key with
+        another write is 422.
         """
         from twisted_graceful.store import (
-            CommitOutcomeUnknown, StoreUnusable, TransactionFailed, parse_integer)
+            CommitOutcomeUnknown, KeyReused, StoreUnusable, TransactionFailed,
+            idempotency_key_problem, parse_integer)
 
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         client = request.getClientAddress()
@@ -301,12 +308,24 @@ class KVResource(resource.Resource):
         else:
             request.setResponseCode(400)
             return b"POST /kv/<key> needs a form body incr=<integer> or value=<text>\n"
+        idempotency_key = request.getHeader(b"idempotency-key")
+        if idempotency_key is not None:
+            # A structured-field string ("...") or a bare token.
+            idempotency_key = idempotency_key.decode("latin-1").strip()
+            if len(idempotency_key) >= 2 and idempotency_key[0] == idempotency_key[-1] == '"':
+                idempotency_key = idempotency_key[1:-1]
+            problem = idempotency_key_problem(idempotency_key)
+            if problem is not None:
+                request.setResponseCode(400)
+                return f"Idempotency-Key: {problem}; nothing stored\n".encode()
         gone = []
         request.notifyFinish().addErrback(gone.append)
 
         def committed(result):
             request.committing = False
             if not gone:
+                if result.replayed:
+                    request.setHeader(b"idempotent-replayed", b"true")
                 request.write(f"committed txid={result.txid} {key}={result.values[key]}\n".encode())
                 request.finish()
 
@@ -315,7 +334,10 @@ class KVResource(resource.Resource):
             if gone:
                 return
             message = _one_line(failure.getErrorMessage())
-            if failure.check(TransactionFailed):
+            if failure.check(KeyReused):
+                request.setResponseCode(422)
+                text = f"not committed: {message}"
+            elif failure.check(TransactionFailed):
                 request.setResponseCode(409)
                 text = f"not committed: {message}"
             elif failure.check(StoreUnusable):
@@ -334,5 +356,5 @@ class KVResource(resource.Resource):
         # Marked for the drain's hard deadline: cutting the connection now
         # would hide a commit that happens anyway.
         request.committing = True
-        self.store.commit(ops).addCallbacks(committed, failed)
+        self.store.commit(ops, idempotency_key=idempotency_key).addCallbacks(committed, failed)
         return server.NOT_DONE_YET

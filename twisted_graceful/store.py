@@ -61,6 +61,12 @@ _INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
+# One committed transaction per idempotency key (NULLs, commits without a
+# key, are all distinct in both databases).
+IDEMPOTENCY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS txns_client_key ON txns (client_key)"
+MAX_IDEMPOTENCY_KEY = 200
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:@+/=-]{1,%d}\Z" % MAX_IDEMPOTENCY_KEY)
+
 SQLITE_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS kv (
         key TEXT PRIMARY KEY,
@@ -72,7 +78,8 @@ SQLITE_SCHEMA = (
         pid INTEGER NOT NULL,
         generation INTEGER,
         ops TEXT NOT NULL,
-        result TEXT NOT NULL
+        result TEXT NOT NULL,
+        client_key TEXT
     )""",
 )
 SCHEMA = SQLITE_SCHEMA  # the name earlier versions exported
@@ -92,6 +99,10 @@ POSTGRES_SCHEMA = (
         result TEXT NOT NULL,
         token TEXT NOT NULL UNIQUE
     )""",
+    # Databases made before idempotency keys: the column is added in place
+    # (a running older generation names its columns and never reads it).
+    "ALTER TABLE txns ADD COLUMN IF NOT EXISTS client_key TEXT",
+    IDEMPOTENCY_INDEX,
 )
 # Two hosts starting at once must not both create the tables (CREATE TABLE
 # IF NOT EXISTS is not safe against a concurrent CREATE): one lock for it.
@@ -267,10 +278,33 @@ def keys_of(ops):
     return list(seen)
 
 
+def idempotency_key_problem(key):
+    """
+    Why C{key} cannot be an idempotency key, or None: 1 to 200 characters
+    of letters, digits and C{_ . : @ + / = -} (a UUID, a ULID, a base64
+    token and a C{client:counter} all fit).
+    """
+    if _IDEMPOTENCY_KEY.match(key):
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        return f"an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY} characters"
+    return "an idempotency key has only letters, digits and _ . : @ + / = -"
+
+
+class KeyReused(Exception):
+    """
+    An idempotency key already names a committed transaction with other
+    writes: nothing applied (the client reused a key by mistake).
+    """
+
+
 class CommitResult:
-    def __init__(self, txid, values):
+    def __init__(self, txid, values, replayed=False):
         self.txid = txid
         self.values = values  # key -> final value (None: deleted), in write order
+        # True: this commit's idempotency key was committed before, and this
+        # is that commit's result; nothing was applied now.
+        self.replayed = replayed
 
 
 class Store(service.Service):
@@ -408,20 +442,32 @@ class Store(service.Service):
         return self._run(self.backend.transactions)
 
     # --- writes ---------------------------------------------------------
-    def commit(self, ops):
+    def commit(self, ops, idempotency_key=None):
         """
         Apply C{ops} atomically: all of them or, on any error, none.
 
+        With an C{idempotency_key}, at most once: if a transaction with that
+        key was committed before (the client lost the reply to a crash or a
+        cut connection and sends the transaction again), nothing is applied
+        and its result is returned again (C{replayed}). The key is checked
+        under the same write lock as the commit, so two copies racing on two
+        workers or hosts apply once.
+
         @return: a Deferred firing with a L{CommitResult}, or failing with
             L{TransactionFailed} (the transaction as written cannot apply),
+            L{KeyReused} (the key names a transaction with other writes),
             L{StoreBusy} (nothing applied; try again later) or
             L{CommitOutcomeUnknown}.
         """
         ops = [tuple(op) for op in ops]
         if not ops:
             raise ValueError("a commit needs at least one write")
+        if idempotency_key is not None:
+            problem = idempotency_key_problem(idempotency_key)
+            if problem:
+                raise ValueError(problem)
         pid = os.getpid() if self._pid is None else self._pid
-        return self._run(self.backend.commit, ops, pid, self._generation(),
+        return self._run(self.backend.commit, ops, pid, self._generation(), idempotency_key,
                          committing=True).addCallback(self._writable)
 
 
@@ -441,6 +487,22 @@ def _write(cur, final, mark):
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+
+def _committed_before(cur, key, ops, mark):
+    """
+    The result of the transaction committed under idempotency key C{key},
+    or None. Run under the commit's write lock.
+    """
+    if key is None:
+        return None
+    cur.execute(f"SELECT txid, ops, result FROM txns WHERE client_key = {mark}", (key,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    if json.loads(row[1]) != json.loads(json.dumps(ops)):
+        raise KeyReused(f"idempotency key {key} names another transaction (txid={row[0]})")
+    return CommitResult(row[0], json.loads(row[2]), replayed=True)
 
 
 def _transaction_rows(rows, offset=0):
@@ -506,6 +568,7 @@ class SQLiteBackend:
         conn.execute("PRAGMA synchronous = NORMAL")
         for statement in SQLITE_SCHEMA:
             conn.execute(statement)
+        _sqlite_add_client_key(conn)
 
     def run(self, pool, interaction, *args, committing=False):
         return pool.runInteraction(interaction, *args)
@@ -584,7 +647,7 @@ class SQLiteBackend:
             "SELECT txid, committed_at, pid, generation, ops, result FROM txns ORDER BY txid"
         ).fetchall())
 
-    def commit(self, txn, ops, pid, generation):
+    def commit(self, txn, ops, pid, generation, idempotency_key=None):
         # The file at the path must be the one open: before SQLite touches
         # it, and again under the write lock (raises, and adbapi rolls back,
         # if it is gone or replaced), so nothing is committed into a file
@@ -594,13 +657,33 @@ class SQLiteBackend:
         self.check_same_file()
         txn.execute("BEGIN IMMEDIATE")
         self.check_same_file()
+        before = _committed_before(txn, idempotency_key, ops, "?")
+        if before is not None:
+            return before
         final = _final_values(ops, self.read(txn, keys_of(ops)))
         _write(txn, final, "?")
         txn.execute(
-            "INSERT INTO txns (committed_at, pid, generation, ops, result) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), pid, generation, json.dumps(ops), json.dumps(final)),
+            "INSERT INTO txns (committed_at, pid, generation, ops, result, client_key) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), pid, generation, json.dumps(ops), json.dumps(final), idempotency_key),
         )
         return CommitResult(txn.lastrowid, final)
+
+
+def _sqlite_add_client_key(conn):
+    """
+    A database made before idempotency keys gets the column in place (a
+    running older generation names its columns and never reads it). Two
+    connections may both try: the second finds it there.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(txns)")}
+    if "client_key" not in columns:
+        try:
+            conn.execute("ALTER TABLE txns ADD COLUMN client_key TEXT")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):
+                raise
+    conn.execute(IDEMPOTENCY_INDEX)
 
 
 def _file_id(path):
@@ -806,18 +889,27 @@ class PostgresBackend:
         rows = _transaction_rows(cur.fetchall(), offset=1)
         return rows
 
-    def commit(self, cur, ops, pid, generation, token):
+    def commit(self, cur, ops, pid, generation, idempotency_key=None, token=None):
         keys = keys_of(ops)
         # Per-key locks, in one order for every commit (no deadlock), held to
         # the end of this transaction; a key with no row yet is locked too.
-        for lock in sorted({advisory_key(key) for key in keys}):
+        # The idempotency key has its own lock: two copies of one
+        # transaction queue, and the second finds the first committed.
+        locks = {advisory_key(key) for key in keys}
+        if idempotency_key is not None:
+            locks.add(advisory_key("\0idempotency\0" + idempotency_key))
+        for lock in sorted(locks):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        before = _committed_before(cur, idempotency_key, ops, "%s")
+        if before is not None:
+            return before
         final = _final_values(ops, self.read(cur, keys))
         _write(cur, final, "%s")
         cur.execute(
-            "INSERT INTO txns (committed_at, host, pid, generation, ops, result, token) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING txid",
-            (time.time(), self.host, pid, generation, json.dumps(ops), json.dumps(final), token),
+            "INSERT INTO txns (committed_at, host, pid, generation, ops, result, token, "
+            "client_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING txid",
+            (time.time(), self.host, pid, generation, json.dumps(ops), json.dumps(final), token,
+             idempotency_key),
         )
         return CommitResult(cur.fetchone()[0], final)
 

@@ -22,10 +22,12 @@ from twisted_graceful.drain import DrainableConnection, close_in_stages
 from twisted_graceful.slow import SlowWork, heartbeat
 from twisted_graceful.store import (
     CommitOutcomeUnknown,
+    KeyReused,
     StoreBusy,
     StoreUnusable,
     TransactionFailed,
     apply_ops,
+    idempotency_key_problem,
     parse_integer,
 )
 
@@ -39,7 +41,9 @@ COMMANDS = {
     "INCR": (1, 2, "INCR key [n]", "add n (default 1) to an integer value (absent: 0)"),
     "DEL": (1, 1, "DEL key", "delete key"),
     "GET": (1, 1, "GET key", "the committed value (inside BEGIN: with this transaction's writes)"),
-    "COMMIT": (0, 0, "COMMIT", "apply the queued writes, all of them or none"),
+    "COMMIT": (0, 1, "COMMIT [idempotency-key]",
+               "apply the queued writes, all of them or none; with a key, at most once: "
+               "sent again under the same key, the first commit's reply again"),
     "ABORT": (0, 0, "ABORT", "drop the queued writes"),
     "PING": (0, 0, "PING", "which process answers: its pid and generation"),
     "SLOW": (1, 1, "SLOW seconds", f"a transaction that takes that long (0 to {MAX_SLOW_SECONDS})"),
@@ -420,10 +424,17 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
 
         self._run(self.factory.store.get(key).addCallbacks(answer, _store_error))
 
-    def cmd_COMMIT(self):
+    def cmd_COMMIT(self, idempotency_key=None):
         if self._txn is None:
             self._reject(503, "COMMIT without BEGIN")
             return
+        if idempotency_key is not None:
+            problem = idempotency_key_problem(idempotency_key)
+            if problem:
+                self._txn = None
+                self._count_transaction("error")
+                self._reply(501, f"{problem}; transaction ended, nothing applied")
+                return
         txn = self._txn
         if txn.failed is not None:
             self._txn = None
@@ -435,9 +446,9 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
             self._count_transaction("committed")
             self._reply(250, "committed, nothing to write")
             return
-        self._commit(txn.ops)
+        self._commit(txn.ops, idempotency_key)
 
-    def _commit(self, ops):
+    def _commit(self, ops, idempotency_key=None):
         self._committing = True
 
         def committed(result):
@@ -448,10 +459,10 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
             return 250, f"committed txid={result.txid} {values}"
 
         def failed(failure):
-            failure.trap(TransactionFailed)
+            failure.trap(TransactionFailed, KeyReused)
             return 554, f"transaction failed: {failure.value}; nothing applied"
 
-        d = defer.maybeDeferred(self.factory.store.commit, ops)
+        d = defer.maybeDeferred(self.factory.store.commit, ops, idempotency_key=idempotency_key)
         d.addCallbacks(committed, failed).addErrback(_store_error)
         # The transaction ends with the reply: until then it is in progress.
         d.addBoth(self._end_transaction)
