@@ -211,6 +211,10 @@ class Recorder:
     def __init__(self):
         self.requests = []  # (kind, start, end, outcome)
         self.failures = []  # (kind, time, outcome, detail)
+        self.retries = []  # (kind, time, outcome, detail): cut, then sent again
+
+    def retried(self, kind, outcome, detail=""):
+        self.retries.append((kind, time.monotonic(), outcome, detail))
 
     def add(self, kind, start, outcome, detail=""):
         end = time.monotonic()
@@ -229,6 +233,18 @@ def classify(exc):
 
 class Closed(Exception):
     pass
+
+
+# A client that retries (retry=True) sends a request again, at most this many
+# times, when its connection was cut before the answer: what HTTP clients do
+# for idempotent requests (RFC 9110, 9.2.2), and what an idempotency key
+# makes safe for a POST or a COMMIT. A refusal or a timeout is never retried:
+# those are failures of the server.
+MAX_RETRIES = 3
+
+
+def retryable(outcome):
+    return outcome == "reset"
 
 
 async def read_http_response(reader):
@@ -250,56 +266,72 @@ async def read_http_response(reader):
 
 
 async def http_client(port, rec, stop, mode, client_id, timeout=10.0, max_requests=10**6,
-                      acked=None):
+                      acked=None, retry=False):
     """
     mode: keepalive (reuse a connection until the server says close), fresh
     (a connection per request), post (a non-idempotent POST per fresh
-    connection, each incrementing a counter once).
+    connection, each incrementing a counter once). With C{retry}, a request
+    cut before its answer is sent again (a POST under its Idempotency-Key).
     """
     reader = writer = None
     sent = 0
     while not stop.is_set() and sent < max_requests:
         sent += 1
         start = time.monotonic()
-        try:
-            if writer is None:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port), timeout)
-            if mode == "post":
-                body = b"incr=1"
-                request = (f"POST /kv/bench:post:{client_id} HTTP/1.1\r\nHost: bench\r\n"
-                           f"Content-Type: application/x-www-form-urlencoded\r\n"
-                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-            else:
-                request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-            writer.write(request)
-            status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
-            if 200 <= status < 300:
-                rec.add(mode, start, "ok")
-                if acked is not None:
-                    acked[client_id] = acked.get(client_id, 0) + 1
-            else:
-                rec.add(mode, start, "bad_status", str(status))
-            if mode != "keepalive" or headers.get("connection") == "close":
-                writer.close()
+        attempts = 0
+        while True:
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", port), timeout)
+                if mode == "post":
+                    body = b"incr=1"
+                    key = f"Idempotency-Key: {client_id}-{sent}\r\n" if retry else ""
+                    request = (f"POST /kv/bench:post:{client_id} HTTP/1.1\r\nHost: bench\r\n"
+                               f"Content-Type: application/x-www-form-urlencoded\r\n{key}"
+                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                else:
+                    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+                writer.write(request)
+                status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
+                if 200 <= status < 300:
+                    rec.add(mode, start, "ok")
+                    if acked is not None:
+                        acked[client_id] = acked.get(client_id, 0) + 1
+                else:
+                    rec.add(mode, start, "bad_status", str(status))
+                if mode != "keepalive" or headers.get("connection") == "close":
+                    writer.close()
+                    writer = None
+                break
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
+                if writer is not None:
+                    writer.close()
                 writer = None
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
-            rec.add(mode, start, classify(e), repr(e))
-            if writer is not None:
-                writer.close()
-            writer = None
+                outcome = classify(e)
+                if retry and retryable(outcome) and attempts < MAX_RETRIES:
+                    attempts += 1
+                    rec.retried(mode, outcome, repr(e))
+                    continue
+                rec.add(mode, start, outcome, repr(e))
+                break
     if writer is not None:
         writer.close()
 
 
-async def txn_client(port, rec, stop, client_id, acked, unacked, timeout=10.0, max_txns=10**6):
+async def txn_client(port, rec, stop, client_id, acked, unacked, timeout=10.0, max_txns=10**6,
+                     retry=False):
     """
     BEGIN / INCR bench:c<id> / SET bench:tx:<id>:<n> / COMMIT in a loop on one
     connection, reconnecting after 421. Acknowledged transactions go to
     C{acked}, ones whose outcome the client never learned to C{unacked}.
+    With C{retry}, each COMMIT carries the transaction's tag as its
+    idempotency key, and a transaction cut before its reply is sent again
+    on a new connection: applied once either way.
     """
     n = 0
     reader = writer = None
+    attempts = 0
 
     async def line():
         data = await asyncio.wait_for(reader.readline(), timeout)
@@ -331,11 +363,12 @@ async def txn_client(port, rec, stop, client_id, acked, unacked, timeout=10.0, m
                 writer = None
                 n -= 1
                 continue
-            writer.write(b"COMMIT\r\n")
+            writer.write(f"COMMIT {tag}\r\n".encode() if retry else b"COMMIT\r\n")
             committed_sent = True
             reply = await line()
             if reply.startswith("250 committed"):
                 acked.add(tag)
+                unacked.discard(tag)
                 rec.add("txn", start, "ok")
             elif reply.startswith("421"):
                 # Closed before our COMMIT was read: not applied; try again.
@@ -345,13 +378,24 @@ async def txn_client(port, rec, stop, client_id, acked, unacked, timeout=10.0, m
                 continue
             else:
                 rec.add("txn", start, "bad_status", reply)
+            attempts = 0
         except (OSError, asyncio.TimeoutError, Closed) as e:
-            if committed_sent:
-                unacked.add(tag)
-            rec.add("txn", start, classify(e), repr(e))
             if writer is not None:
                 writer.close()
             writer = None
+            outcome = classify(e)
+            if retry and retryable(outcome) and attempts < MAX_RETRIES:
+                # The same transaction again, under the same key.
+                attempts += 1
+                rec.retried("txn", outcome, repr(e))
+                if committed_sent:
+                    unacked.add(tag)  # until the retry's reply says what happened
+                n -= 1
+                continue
+            attempts = 0
+            if committed_sent:
+                unacked.add(tag)
+            rec.add("txn", start, outcome, repr(e))
             continue
     if writer is not None:
         writer.write(b"QUIT\r\n")

@@ -283,29 +283,33 @@ async def under_load(opts, workdir):
     for mode in ("keepalive", "fresh", "post"):
         for i in range(opts.clients):
             tasks.append(http_client(cluster.ports["http"], rec, stop, mode, f"{mode}{i}",
-                                     acked=acked_post if mode == "post" else None))
+                                     acked=acked_post if mode == "post" else None,
+                                     retry=True))
     for i in range(opts.clients):
-        tasks.append(txn_client(cluster.ports["txn"], rec, stop, i, acked_txn, unacked_txn))
+        tasks.append(txn_client(cluster.ports["txn"], rec, stop, i, acked_txn, unacked_txn,
+                                retry=True))
     load = asyncio.gather(*tasks)
     result = {"upgrades": [], "kills": []}
     try:
         await asyncio.sleep(1.0)  # steady load before the first upgrade
         generation = 1
         for _ in range(opts.upgrades):
-            before = len(rec.failures)
+            before, retried = len(rec.failures), len(rec.retries)
             t0 = time.monotonic()
             os.kill(cluster.master, signal.SIGHUP)
             entry = await cluster.wait(generation + 1)
             generation += 1
             result["upgrades"].append({
                 "signal_to_all_ready_s": entry["last_upgrade"]["duration_seconds"],
-                "waited_s": time.monotonic() - t0, "failures": len(rec.failures) - before})
+                "waited_s": time.monotonic() - t0, "failures": len(rec.failures) - before,
+                # An upgrade must cut nothing: a request sent again counts.
+                "cut_and_retried": len(rec.retries) - retried})
             await asyncio.sleep(opts.interval)  # the spacing between upgrades
         for _ in range(opts.kills):
             entry = cluster.entries()[cluster.master]
             victim = random.choice([w["pid"] for w in entry["workers"]
                                     if w["state"] == "serving"])
-            before = len(rec.failures)
+            before, retried = len(rec.failures), len(rec.retries)
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 60
             while True:
@@ -318,7 +322,8 @@ async def under_load(opts, workdir):
                 await asyncio.sleep(0.02)  # the status file is written by another process
             await asyncio.sleep(opts.interval)  # the spacing between kills
             result["kills"].append({"victim": victim,
-                                    "failures": len(rec.failures) - before})
+                                    "failures": len(rec.failures) - before,
+                                    "cut_and_retried": len(rec.retries) - retried})
         rss = {pid: rss_kib(pid) for pid in cluster.pids()}
         result["rss_kib"] = {"master": rss.pop(cluster.master),
                              "workers": list(rss.values())}
@@ -337,8 +342,14 @@ async def under_load(opts, workdir):
     result["post_check"] = check_posts(cluster.db, acked_post, rec)
     result["done"] = done
     result["failures"] = failures
-    result["failures_during_upgrades"] = sum(u["failures"] for u in result["upgrades"])
+    result["failures_during_upgrades"] = sum(u["failures"] + u["cut_and_retried"]
+                                             for u in result["upgrades"])
     result["failures_during_kills"] = sum(k["failures"] for k in result["kills"])
+    result["cut_and_retried_during_kills"] = sum(k["cut_and_retried"] for k in result["kills"])
+    retried = {}
+    for kind, _, outcome, _ in rec.retries:
+        retried[f"{kind}:{outcome}"] = retried.get(f"{kind}:{outcome}", 0) + 1
+    result["retried"] = retried
     result["failure_examples"] = [f"{k}: {o}: {d}" for k, _, o, d in rec.failures[:5]]
     return result
 
@@ -413,8 +424,10 @@ def print_report(report):
 
 def print_load(u):
     print("## under load (--workers 2)")
-    print(f"  {len(u['upgrades'])} upgrades: {u['failures_during_upgrades']} failures; "
-          f"{len(u['kills'])} kill -9: {u['failures_during_kills']} failures")
+    print(f"  {len(u['upgrades'])} upgrades: {u['failures_during_upgrades']} failures "
+          f"(a request cut and sent again counts); {len(u['kills'])} kill -9: "
+          f"{u['failures_during_kills']} failures after retries, "
+          f"{u['cut_and_retried_during_kills']} requests cut and sent again {u['retried']}")
     print(f"  done {u['done']}; failures {u['failures']}")
     print(f"  transactions {u['txn_check']}; posts {u['post_check']}")
     print(f"  rss KiB {u['rss_kib']}")
@@ -439,7 +452,8 @@ def parse_args(argv=None):
 def main(argv=None):
     report = run_and_report(parse_args, main_async, print_report, argv)
     u = report.get("under_load")
-    ok = u is None or (u["failures_during_upgrades"] == 0 and u["txn_check"]["lost"] == 0)
+    ok = u is None or (u["failures_during_upgrades"] == 0 and u["failures_during_kills"] == 0
+                       and u["txn_check"]["lost"] == 0)
     return 0 if ok else 1
 
 

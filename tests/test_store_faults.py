@@ -203,6 +203,9 @@ class FakeCursor:
     def fetchone(self):
         return self.rows[0] if self.rows else None
 
+    def fetchall(self):
+        return list(self.rows)
+
 
 class ConfigureTests(unittest.TestCase):
     def setUp(self):

@@ -676,7 +676,7 @@ def _sqlite_add_client_key(conn):
     running older generation names its columns and never reads it). Two
     connections may both try: the second finds it there.
     """
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(txns)")}
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(txns)").fetchall()}
     if "client_key" not in columns:
         try:
             conn.execute("ALTER TABLE txns ADD COLUMN client_key TEXT")
