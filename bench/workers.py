@@ -9,7 +9,9 @@ The master and its workers, measured (issue: master and workers).
   2. upgrades: N SIGHUPs to the master of `--workers 2` under the reload
      benchmark's mixed load (keep-alive, fresh, POST, transactions), every
      failure counted and every acknowledged commit and POST checked;
-  3. kill -9: K times a random worker under the same load, each replaced;
+  3. kill -9: K times a random worker under the same load, each replaced
+     (one that has served longer than the master's crash window, so that
+     each kill is one death and not a crash loop, which backs off);
   4. time from the signal to every new worker ready, against a fresh start's
      time to its first answer; RSS of the master and of each worker.
 
@@ -39,6 +41,7 @@ from bench.reload import (
     run_and_report,
     txn_client,
 )
+from twisted_graceful.master import STABLE_SECONDS
 from twisted_graceful.statusfile import read_status
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -125,6 +128,24 @@ class Cluster:
                 return entry
             await asyncio.sleep(0.02)  # the status file is written by another process
         raise RuntimeError(f"workers generation {generation} never served")
+
+    async def stable_workers(self, timeout=120):
+        """
+        The serving workers that have run for longer than the master's crash
+        window: a kill -9 of one is one death, not a crash loop (whose
+        replacements the master delays on purpose).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entries = self.entries()
+            workers = (entries.get(self.master) or {}).get("workers") or []
+            stable = [w["pid"] for w in workers if w["state"] == "serving"
+                      and time.time() - (entries.get(w["pid"]) or {}).get("started_at", time.time())
+                      > STABLE_SECONDS + 1]
+            if stable:
+                return stable
+            await asyncio.sleep(0.1)  # the workers age
+        raise RuntimeError(f"no worker served for {STABLE_SECONDS} s")
 
     def pids(self):
         entry = self.entries().get(self.master) or {}
@@ -306,9 +327,7 @@ async def under_load(opts, workdir):
                 "cut_and_retried": len(rec.retries) - retried})
             await asyncio.sleep(opts.interval)  # the spacing between upgrades
         for _ in range(opts.kills):
-            entry = cluster.entries()[cluster.master]
-            victim = random.choice([w["pid"] for w in entry["workers"]
-                                    if w["state"] == "serving"])
+            victim = random.choice(await cluster.stable_workers())
             before, retried = len(rec.failures), len(rec.retries)
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 60
