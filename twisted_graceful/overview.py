@@ -9,6 +9,7 @@ Nothing here imports prometheus_client or the reactor.
 """
 
 import datetime
+import textwrap
 import time
 
 from twisted_graceful.pidfile import pid_alive
@@ -172,7 +173,8 @@ def render_text(view, width=100, pidfile=None):
     for record in view["upgrades"]:
         summary, stages, error, tail = describe_upgrade_record(record)
         lines.append("  " + summary)
-        lines.append("    " + stages)
+        lines += textwrap.wrap(stages, width, initial_indent="    ", subsequent_indent="      ",
+                               break_on_hyphens=False)
         if error and record.get("result") != "ok":
             lines.append("    why: " + error)
             for out in tail[-3:]:
