@@ -44,7 +44,8 @@ def top(pidfile, interval=1.0, once=False, out=None, sleep=time.sleep, iteration
     drawn = 0
     try:
         while True:
-            width = shutil.get_terminal_size((100, 24)).columns
+            # One screen for a script is not cut to a terminal's width.
+            width = 10 ** 6 if once else shutil.get_terminal_size((100, 24)).columns
             lines = frame(pidfile, width=width)
             if once:
                 out.write("\n".join(lines) + "\n")
