@@ -259,12 +259,13 @@ class StatusPageInABrowserTests(unittest.TestCase):
 
         client = open_transaction(ports["txn"], old)
         server.signal(master, signal.SIGHUP)
+        # The master is upgrading until the old worker stopped accepting.
         rows = self.wait_page(
             driver, lambda r: len(r) == 3 and old in r and r[old][3] == "draining"
-            and r[old][5] == "1", "a new worker serving and the old one draining")
+            and r[old][5] == "1" and r[master][2:4] == ["2", "serving"],
+            "a new worker serving and the old one draining")
         [new] = set(rows) - {old, master}
         self.assertEqual(rows[new][1:4], ["worker", "2", "serving"])
-        self.assertEqual(rows[master][2:4], ["2", "serving"])
         timeline = driver.execute_script(READ_TEXT, "upgrades")
         self.assertRegex(timeline, rf"SIGHUP: generation 1 \(pid {master}\) \u2192 pid {new}: "
                                    rf"ok in \d+\.\d\d s")

@@ -78,7 +78,7 @@ PAGE = """<!DOCTYPE html>
   body { font: 15px/1.4 system-ui, sans-serif; margin: 1.5em; color: #111; background: #fff; }
   h1 { font-size: 1.3em; margin: 0 0 .2em; }
   h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
-  #updated { color: #444; margin: 0 0 1em; }
+  #updated { color: #444; margin: 0 0 1em; overflow-wrap: anywhere; }
   table { border-collapse: collapse; min-width: 40em; }
   caption { text-align: left; color: #444; padding-bottom: .3em; }
   th, td { padding: .3em .8em; border-bottom: 1px solid #ccc; text-align: right; }
