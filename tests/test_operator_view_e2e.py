@@ -44,7 +44,7 @@ READ_STATE_CLASS = """const e = document.querySelector('tr[data-pid="' + argumen
 
 def browser_missing():
     try:
-        import selenium  # noqa: F401
+        import selenium  # noqa: F401 (is it there?)
     except ImportError:
         return "selenium is not installed (pip install '.[test]')"
     for path in (CHROMIUM, CHROMEDRIVER):

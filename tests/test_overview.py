@@ -10,7 +10,6 @@ import json
 import os
 import re
 
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
