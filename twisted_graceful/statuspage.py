@@ -136,15 +136,14 @@ const STAGES = [["signal_at", "signal"], ["spawned_at", "spawned"], ["ready_at",
 function stages(u) {
   const out = [];
   for (const [key, name] of STAGES) {
+    const after = t => " (+" + (t - u.signal_at).toFixed(1) + " s)";
     if (key === "ready_at" && u.result && u.result !== "ok") {
       const failed = u.result === "timeout" ? "timed out" : u.result;
-      out.push(failed + " " + clock(u.ready_at || u.exited_at || u.spawned_at));
+      const t = u.ready_at || u.exited_at || u.spawned_at;
+      out.push(failed + " " + clock(t) + after(t));
       if (u.result !== "taken back") continue;
     }
-    if (u[key]) {
-      const after = key === "signal_at" ? "" : " (+" + (u[key] - u.signal_at).toFixed(1) + " s)";
-      out.push(name + " " + clock(u[key]) + after);
-    }
+    if (u[key]) out.push(name + " " + clock(u[key]) + (key === "signal_at" ? "" : after(u[key])));
   }
   return out.join(" \\u2192 ");
 }
