@@ -62,12 +62,16 @@ def read_status(path, alive=None):
     return doc
 
 
-def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
+def update_status_file(path, pid, entry, keep=KEEP_ENTRIES, sync=True):
     """
     Put C{entry} under C{pid} in the status file. Every generation writes its
     own entry (the old one its last upgrade and drain, the new one its
     serving state) under an exclusive lock, so neither overwrites the other;
     the oldest entries of processes that are gone are dropped.
+
+    @param sync: flush it to disk first (an event); not for a refresh of the
+        live counts, rewritten every second (no fsync in the reactor's
+        thread each second).
     """
     # The lock file is never followed through a symlink, and only we read it.
     lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -84,7 +88,7 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
             for p in gone[: len(processes) - keep]:
                 del processes[p]
         text = json.dumps({"version": 1, "processes": processes}, indent=1, sort_keys=True)
-        atomic_write(path, text + "\n", 0o600)
+        atomic_write(path, text + "\n", 0o600, sync=sync)
     finally:
         os.close(lock)
 
@@ -260,18 +264,18 @@ class StatusFile:
         """
         try:
             if self.status.live() != self._written_live:
-                self.write()
+                self.write(sync=False)
         except Exception:
             self.log.failure("refreshing the status file")  # the next second tries again
 
-    def write(self):
+    def write(self, sync=True):
         path = self.path
         if path is None:
             return
         try:
             entry = self.status.as_dict()
             self._written_live = entry["live"]
-            update_status_file(path, os.getpid(), entry)
+            update_status_file(path, os.getpid(), entry, sync=sync)
         except OSError as e:
             self.log.warn("could not write the status file {path}: {err}", path=path, err=e)
 
