@@ -239,7 +239,10 @@ class StatusPageInABrowserTests(unittest.TestCase):
     def test_the_page_shows_the_new_workers_take_over_and_the_old_drain(self):
         from selenium.webdriver.common.by import By
 
-        server = start_server(self, "--workers", "1", "--metrics-port", LOOPBACK)
+        data = os.path.abspath(self.mktemp())
+        os.makedirs(data)
+        db = os.path.join(data, "kv.sqlite3")
+        server = start_server(self, "--workers", "1", "--metrics-port", LOOPBACK, "--db", db)
         master = server.wait_status(
             lambda entries: next((p for p, e in entries.items() if e.get("role") == "master"
                                   and e.get("state") == "serving"), None),
@@ -257,7 +260,26 @@ class StatusPageInABrowserTests(unittest.TestCase):
         self.assertEqual(rows[old][:4], [str(old), "worker", "1", "serving"])
         self.assertIn("None yet", driver.execute_script(READ_TEXT, "upgrades"))
 
+        # A broken deploy first: the new worker cannot start (its --db is gone).
+        os.rename(data, data + ".away")
+        server.signal(master, signal.SIGHUP)
+        timeline = self.wait_for_text(driver, "upgrades", "Why:")
+        os.rename(data + ".away", data)
+        self.assertRegex(timeline, rf"SIGHUP: generation 1 \(pid {master}\) \u2192 pid \d+: "
+                                   rf"failed\n")
+        self.assertRegex(timeline, r"signal [\d:]+ \u2192 spawned [\d:]+ \(\+\d+\.\d s\) \u2192 "
+                                   r"failed [\d:]+ \(\+\d+\.\d s\) \u2192 exited")
+        self.assertRegex(timeline, r"Why: worker pid \d+ exited with status 1 before the set "
+                                   r"was ready\n")
+        # Its last output line is the one-line start-up error.
+        self.assertIn(f"twistd graceful: --db {db}: the directory does not exist; create it "
+                      f"or choose another --db", timeline)
+        rows = self.wait_page(driver, lambda r: sorted(r) == sorted([master, old]),
+                              "the failed worker gone")
+        self.assertEqual(rows[old][1:4], ["worker", "1", "serving"])
+
         client = open_transaction(ports["txn"], old)
+        # (During the backoff after the failure, the signal is run once it is over.)
         server.signal(master, signal.SIGHUP)
         # The master is upgrading until the old worker stopped accepting.
         rows = self.wait_page(
@@ -267,11 +289,12 @@ class StatusPageInABrowserTests(unittest.TestCase):
         [new] = set(rows) - {old, master}
         self.assertEqual(rows[new][1:4], ["worker", "2", "serving"])
         timeline = driver.execute_script(READ_TEXT, "upgrades")
-        self.assertRegex(timeline, rf"SIGHUP: generation 1 \(pid {master}\) \u2192 pid {new}: "
-                                   rf"ok in \d+\.\d\d s")
+        self.assertRegex(timeline, rf"SIGHUP( \(after backoff\))?: generation 1 \(pid {master}\) "
+                                   rf"\u2192 pid {new}: ok in \d+\.\d\d s")
         self.assertRegex(timeline, r"signal [\d:]+ \u2192 spawned [\d:]+ \(\+\d+\.\d s\) \u2192 "
                                    r"ready [\d:]+ \(\+\d+\.\d s\) \u2192 handed over")
-        self.assertNotIn("exited", timeline)  # the old worker still drains
+        newest = timeline.split(f"pid {new}: ok")[1].split("\n")[1]
+        self.assertNotIn("exited", newest)  # the old worker still drains
         self.assertEqual(driver.execute_script(READ_STATE_CLASS, old), "state state-draining")
         if os.environ.get(SCREENSHOT_ENV):
             driver.save_screenshot(os.environ[SCREENSHOT_ENV])

@@ -108,6 +108,18 @@ class TimelineTests(unittest.TestCase):
         record = self.timeline.as_list()[0]
         self.assertEqual((record["drained_at"], record["exited_at"]), (1003.0, 1003.0))
 
+    def test_a_successor_that_died_is_taken_back(self):
+        self.tell("upgrade-started", 1000.0, child_pid=51, reason="SIGHUP", generation=1)
+        self.tell("upgrade-ok", 1000.8, outcome=outcome(child_pid=51))
+        self.tell("handed-over", 1000.8, child_pid=51)
+        self.tell("serving", 1002.0, source="took-back")
+        [record] = self.timeline.as_list()
+        self.assertEqual((record["result"], record["exited_at"]), ("taken back", 1002.0))
+        self.assertEqual(record["error"], "the new generation died; this one serves again")
+        self.assertEqual(stage_list(record),
+                         [("signal", 1000.0), ("spawned", 1000.0), ("ready", 1000.8),
+                          ("handed over", 1000.8), ("taken back", 1002.0)])
+
     def test_only_the_last_upgrades_are_kept(self):
         for n in range(8):
             self.tell("upgrade-started", 1000.0 + n, child_pid=100 + n, reason="SIGHUP",

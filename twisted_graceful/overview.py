@@ -92,18 +92,19 @@ def server_overview(doc, now=None, alive=pid_alive):
 def stage_list(record):
     """
     (stage name, timestamp) for each stage the upgrade reached, in order; a
-    failed upgrade ends with C{failed} (or C{timed out}) instead of C{ready}.
+    failed upgrade says C{failed} (or C{timed out}) instead of C{ready}, and
+    one whose new generation died after the handover ends C{taken back}.
     """
+    result = record.get("result")
     stages = []
     for key in STAGES:
         at = record.get(key)
-        if key == "ready_at" and record.get("result") not in (None, "ok"):
-            name = "timed out" if record["result"] == "timeout" else record["result"]
-            stages.append((name if name != "taken back" else "ready",
+        if key == "ready_at" and result not in (None, "ok", "taken back"):
+            stages.append(("timed out" if result == "timeout" else result,
                            at or record.get("exited_at")))
-            if record["result"] != "taken back":
-                continue
-        if at is not None:
+        elif key == "exited_at" and result == "taken back":
+            stages.append(("taken back", at))
+        elif at is not None:
             stages.append((STAGE_NAMES[key], at))
     return stages
 

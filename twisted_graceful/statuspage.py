@@ -136,14 +136,15 @@ const STAGES = [["signal_at", "signal"], ["spawned_at", "spawned"], ["ready_at",
 function stages(u) {
   const out = [];
   for (const [key, name] of STAGES) {
-    const after = t => " (+" + (t - u.signal_at).toFixed(1) + " s)";
-    if (key === "ready_at" && u.result && u.result !== "ok") {
-      const failed = u.result === "timeout" ? "timed out" : u.result;
-      const t = u.ready_at || u.exited_at || u.spawned_at;
-      out.push(failed + " " + clock(t) + after(t));
-      if (u.result !== "taken back") continue;
+    const after = t => key === "signal_at" ? "" : " (+" + (t - u.signal_at).toFixed(1) + " s)";
+    let shown = u[key] ? name : null, t = u[key];
+    if (key === "ready_at" && u.result && u.result !== "ok" && u.result !== "taken back") {
+      shown = u.result === "timeout" ? "timed out" : u.result;
+      t = u.ready_at || u.exited_at || u.spawned_at;
+    } else if (key === "exited_at" && u.result === "taken back") {
+      shown = "taken back";
     }
-    if (u[key]) out.push(name + " " + clock(u[key]) + (key === "signal_at" ? "" : after(u[key])));
+    if (shown) out.push(shown + " " + clock(t) + after(t));
   }
   return out.join(" \\u2192 ");
 }

@@ -14,8 +14,7 @@ from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful import logs, metrics
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
-from twisted_graceful import handoff
-from twisted_graceful.handoff import WORKER
+from twisted_graceful.handoff import WORKER, HandoffError
 from twisted_graceful.inherit import Inheritance
 from twisted_graceful.master import MasterService
 from twisted_graceful.startup import StartupError, exit_with
@@ -188,7 +187,7 @@ class Options(usage.Options):
             # Bind (or inherit) now, before twistd daemonizes: a port in use or
             # garbage from the previous generation is one line, not a traceback.
             self.inheritance = Inheritance.acquire(specs, os.environ, self["reuse-port"], options)
-        except handoff.HandoffError as e:
+        except HandoffError as e:
             raise StartupError(f"{e} (the GRACEFUL_* variables are set by a running server for "
                                f"the process it starts; unset them to start a new server)")
         except ListenerError as e:
