@@ -713,6 +713,24 @@ class TacApp:
         return server, pid, ports
 
 
+def run_twistd(testcase, *args, env=None, pass_fds=()):
+    """
+    C{twistd --nodaemon graceful ARGS} in a new directory, to its end;
+    return the L{subprocess.CompletedProcess} (text output captured).
+    """
+    cwd = os.path.abspath(testcase.mktemp())
+    os.makedirs(cwd)
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = REPO
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, "t.pid")]
+        + with_ephemeral_listeners(["graceful"] + list(args)),
+        cwd=cwd, env=environment, capture_output=True, text=True, timeout=60,
+        pass_fds=pass_fds,
+    )
+
+
 class ClearErrorMixin:
     """
     For tests of bad input: the command failed, said so in words containing

@@ -7,8 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -16,9 +14,8 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import (
-    REPO, TWISTD, ClearErrorMixin, ServerProcess, TacApp, graceful_options, http_get, pid_alive,
-    pid_in,
-    with_ephemeral_listeners,
+    ClearErrorMixin, ServerProcess, TacApp, graceful_options, http_get, pid_alive, pid_in,
+    run_twistd,
 )
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -470,17 +467,7 @@ class SuccessorDiesTests(unittest.TestCase):
 
 class BadInputTests(ClearErrorMixin, unittest.TestCase):
     def run_twistd(self, *args, env=None, pass_fds=()):
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = REPO
-        environment.update(env or {})
-        return subprocess.run(
-            [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, "t.pid")]
-            + with_ephemeral_listeners(["graceful"] + list(args)),
-            cwd=cwd, env=environment, capture_output=True, text=True, timeout=60,
-            pass_fds=pass_fds,
-        )
+        return run_twistd(self, *args, env=env, pass_fds=pass_fds)
 
     def test_port_in_use(self):
         with socket.socket() as sock:

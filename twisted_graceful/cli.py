@@ -1,6 +1,7 @@
 """
-C{python -m twisted_graceful reload|status --pidfile twistd.pid}: steer a
-running server from a deploy script, without its metrics port.
+C{python -m twisted_graceful reload|status|top --pidfile twistd.pid}: steer
+and watch a running server from a deploy script or a terminal, without its
+metrics port (C{top}: L{twisted_graceful.top}).
 
 C{reload} sends SIGHUP to the process the pidfile names and follows the
 status file next to the pidfile (C{<pidfile>.status.json}, where every
@@ -323,12 +324,25 @@ def main(argv=None):
         "preflight", help="import the server's code and check `twistd graceful` options "
                           "without binding anything (a master runs it before re-executing)")
     preflight_parser.add_argument("graceful_args", nargs=argparse.REMAINDER)
+    top_parser = commands.add_parser(
+        "top", help="watch every process and the last upgrades, redrawn every second "
+                    "(Ctrl-C to leave)")
+    top_parser.add_argument("--pidfile", default="twistd.pid")
+    top_parser.add_argument("--interval", type=float, default=1.0,
+                            help="seconds between redraws (default 1)")
+    top_parser.add_argument("--once", action="store_true",
+                            help="print one screen and exit (3 if there is no status file)")
     args = parser.parse_args(argv)
     if args.command == "preflight":
         graceful_args = args.graceful_args
         if graceful_args[:1] == ["--"]:
             graceful_args = graceful_args[1:]
         return preflight(graceful_args)
+    if args.command == "top":
+        if args.interval <= 0:
+            parser.error("--interval must be > 0")
+        from twisted_graceful.top import top
+        return top(args.pidfile, interval=args.interval, once=args.once)
     if args.command == "reload":
         if args.timeout <= 0:
             parser.error("--timeout must be > 0")

@@ -201,7 +201,8 @@ def bind_listener(spec, option="--port", reuse_port=False):
         where = spec.path if family == socket.AF_UNIX else f"{spec.host} port {spec.port}"
         reason = e.strerror or str(e)
         if e.errno == errno.EADDRINUSE:
-            reason = "address already in use (is another server running there?)"
+            reason = ("address already in use (is another server running there? stop it or "
+                      "choose another address)")
         raise ListenerError(f"{option} {spec.description}: cannot listen on {where}: {reason}")
     return sock
 

@@ -50,6 +50,7 @@ from twisted.web import resource
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
 from twisted_graceful.lifecycle import STARTING, STATES
+from twisted_graceful.statuspage import OverviewResource, StatusPage
 from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
@@ -193,6 +194,8 @@ class GracefulMetrics:
         """
         self._protocols.add(protocol)
         original = site.log
+        served = self.status.served  # for the status page and top
+        served.setdefault(protocol, 0)
         if self.shared_dir is not None:
             requests = self.requests
             children = {int(result[0]): requests.labels(protocol, result)
@@ -204,6 +207,7 @@ class GracefulMetrics:
                     child = children.get(status_class) or requests.labels(
                         protocol, f"{status_class}xx")
                     child.inc()  # written in this worker's file at once: a crash loses nothing
+                    served[protocol] += 1
                 finally:
                     original(request)
         else:
@@ -218,6 +222,7 @@ class GracefulMetrics:
                     status_class = int(request.code) // 100
                     key = keys.get(status_class) or (protocol, f"{status_class}xx")
                     counts[key] = counts.get(key, 0) + 1
+                    served[protocol] += 1
                 finally:
                     original(request)
 
@@ -232,12 +237,15 @@ class GracefulMetrics:
         Count the transactions of a L{TxnFactory} by result.
         """
         self._protocols.add(protocol)
+        served = self.status.served  # for the status page and top
+        served.setdefault(protocol, 0)
         if self.shared_dir is not None:
             requests = self.requests
             children = {result: requests.labels(protocol, result) for result in TXN_RESULTS}
 
             def observe(result):
                 (children.get(result) or requests.labels(protocol, result)).inc()
+                served[protocol] += 1
         else:
             counts = self.request_counts
             for result in TXN_RESULTS:
@@ -246,6 +254,7 @@ class GracefulMetrics:
             def observe(result):
                 key = (protocol, result)
                 counts[key] = counts.get(key, 0) + 1
+                served[protocol] += 1
 
         factory.transaction_observer = observe
         return factory
@@ -258,11 +267,13 @@ class GracefulMetrics:
 
     def resource(self):
         """
-        C{/metrics} (Prometheus text) and C{/status} (JSON).
+        C{/metrics} (Prometheus text), C{/status} (JSON), and the status
+        page (C{/}, which polls C{/overview}).
         """
         root = _Root()
         root.putChild(b"metrics", _Snapshotting(self, MetricsResource(self.registry)))
         root.putChild(b"status", StatusResource(self.status))
+        root.putChild(b"overview", OverviewResource(self.status))
         return root
 
     def site(self):
@@ -508,9 +519,10 @@ class _Root(resource.Resource):
             return self
         return resource.NoResource()
 
+    page = StatusPage()
+
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"twisted-graceful: /metrics (Prometheus), /status (JSON)\n"
+        return self.page.render_GET(request)
 
 
 class _Snapshotting(resource.Resource):

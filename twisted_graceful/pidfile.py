@@ -39,7 +39,7 @@ def read_pid(path):
     return pid if pid > 0 else None
 
 
-def atomic_write(path, data, mode):
+def atomic_write(path, data, mode, sync=True):
     """
     Replace C{path} with C{data} (text) atomically: a reader sees the old
     content or the new, never half of it.
@@ -48,8 +48,10 @@ def atomic_write(path, data, mode):
     in the same directory:
     an unpredictable name, created with C{O_CREAT|O_EXCL|O_NOFOLLOW}, so a
     symlink planted in advance is never followed. Its mode is set to C{mode}
-    explicitly (the umask is not trusted), it is flushed to disk, then renamed
-    over C{path} (which replaces a symlink at C{path}, never its target).
+    explicitly (the umask is not trusted), it is flushed to disk (unless
+    C{sync} is false: for content rewritten every second, where a crash may
+    lose the last version), then renamed over C{path} (which replaces a
+    symlink at C{path}, never its target).
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
@@ -60,7 +62,8 @@ def atomic_write(path, data, mode):
             fd = None
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if fd is not None:

@@ -11,13 +11,21 @@ import json
 import os
 import time
 
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.web import resource
 
 from twisted_graceful.pidfile import atomic_write, pid_alive
+from twisted_graceful.timeline import UpgradeTimeline
 
 STATUS_SUFFIX = ".status.json"
 KEEP_ENTRIES = 8
+# How often a serving process rewrites its entry when its open connections,
+# transactions or requests served changed (what the status page and top show).
+LIVE_REFRESH_SECONDS = 1.0
+# The metrics listener's own connections (a scrape, the status page polling)
+# are not the traffic an operator watches drain.
+UNCOUNTED_PROTOCOLS = ("metrics",)
 
 
 def status_path(pidfile):
@@ -54,12 +62,16 @@ def read_status(path, alive=None):
     return doc
 
 
-def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
+def update_status_file(path, pid, entry, keep=KEEP_ENTRIES, sync=True):
     """
     Put C{entry} under C{pid} in the status file. Every generation writes its
     own entry (the old one its last upgrade and drain, the new one its
     serving state) under an exclusive lock, so neither overwrites the other;
     the oldest entries of processes that are gone are dropped.
+
+    @param sync: flush it to disk first (an event); not for a refresh of the
+        live counts, rewritten every second (no fsync in the reactor's
+        thread each second).
     """
     # The lock file is never followed through a symlink, and only we read it.
     lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -76,7 +88,7 @@ def update_status_file(path, pid, entry, keep=KEEP_ENTRIES):
             for p in gone[: len(processes) - keep]:
                 del processes[p]
         text = json.dumps({"version": 1, "processes": processes}, indent=1, sort_keys=True)
-        atomic_write(path, text + "\n", 0o600)
+        atomic_write(path, text + "\n", 0o600, sync=sync)
     finally:
         os.close(lock)
 
@@ -110,7 +122,12 @@ class ProcessStatus:
         self.workers = None
         self.execs = None
         self.last_reexec = None
+        self.timeline = UpgradeTimeline(clock)
+        # protocol -> requests (or transactions) finished; kept by whoever
+        # counts them (L{twisted_graceful.metrics.GracefulMetrics}).
+        self.served = {}
         graceful.add_observer(self._event)
+        graceful.add_observer(self.timeline)
 
     def _event(self, event, pid=None, generation=None, state=None, role=None, workers=None,
                execs=None, **details):
@@ -180,7 +197,24 @@ class ProcessStatus:
             "last_upgrade": self.last_upgrade,
             "took_back_from": self.took_back_from,
             "drain": self.drain,
+            "upgrades": self.timeline.as_list(),
+            "live": self.live(),
             "updated_at": self.clock(),
+        }
+
+    def live(self):
+        """
+        Open connections, connections inside a transaction (a request being
+        handled, a transaction between BEGIN and its reply) and requests
+        finished, over the protocols clients use (not C{metrics}).
+        """
+        tracker = getattr(self.graceful, "tracker", None)
+        counts = tracker.counts() if tracker is not None else {}
+        counted = [c for p, c in counts.items() if p not in UNCOUNTED_PROTOCOLS]
+        return {
+            "connections": sum(total for total, _ in counted),
+            "transactions": sum(inside for _, inside in counted),
+            "requests": sum(n for p, n in self.served.items() if p not in UNCOUNTED_PROTOCOLS),
         }
 
 
@@ -194,10 +228,17 @@ class StatusFile:
 
     log = Logger()
 
-    def __init__(self, graceful, status=None, path=None):
+    def __init__(self, graceful, status=None, path=None, refresh=LIVE_REFRESH_SECONDS):
         self.graceful = graceful
         self.status = status or ProcessStatus(graceful)
         self._path = path
+        self._written_live = None
+        self._refresh = None
+        if refresh and getattr(graceful, "tracker", None) is not None:
+            # A process that serves: its connections drain between events.
+            self._refresh = task.LoopingCall(self.refresh)
+            self._refresh.clock = graceful.reactor
+            self._refresh_every = refresh
         graceful.add_observer(self._event)
 
     @property
@@ -209,13 +250,32 @@ class StatusFile:
 
     def _event(self, event, **details):
         self.write()
+        loop = self._refresh
+        if loop is None:
+            return
+        if event == "serving" and not loop.running:
+            loop.start(self._refresh_every, now=False)
+        elif event == "drained" and loop.running:
+            loop.stop()
 
-    def write(self):
+    def refresh(self):
+        """
+        Rewrite the entry if the live counts changed since the last write.
+        """
+        try:
+            if self.status.live() != self._written_live:
+                self.write(sync=False)
+        except Exception:
+            self.log.failure("refreshing the status file")  # the next second tries again
+
+    def write(self, sync=True):
         path = self.path
         if path is None:
             return
         try:
-            update_status_file(path, os.getpid(), self.status.as_dict())
+            entry = self.status.as_dict()
+            self._written_live = entry["live"]
+            update_status_file(path, os.getpid(), entry, sync=sync)
         except OSError as e:
             self.log.warn("could not write the status file {path}: {err}", path=path, err=e)
 

@@ -14,9 +14,10 @@ from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful import logs, metrics
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
-from twisted_graceful.handoff import WORKER
+from twisted_graceful.handoff import WORKER, HandoffError
 from twisted_graceful.inherit import Inheritance
 from twisted_graceful.master import MasterService
+from twisted_graceful.startup import StartupError, exit_with
 from twisted_graceful.statusfile import StatusFile
 from twisted_graceful.service import GracefulService
 from twisted_graceful.store import Store, is_postgres, open_problem, redact
@@ -84,7 +85,7 @@ class Options(usage.Options):
          "request once draining starts", _positive("idle-grace", allow_zero=True)],
         ["drain", None, "transaction", "Drain level: transaction (close each connection at "
          "its next transaction boundary) or connection (let clients close)"],
-        ["slow-every", None, 10, "Every Nth GET / is slow (0: never)",
+        ["slow-every", None, 0, "Every Nth GET / is slow, for a demo of draining (0: never)",
          _positive("slow-every", int, allow_zero=True)],
         ["slow-seconds", None, 10.0, "How long a slow request takes",
          _positive("slow-seconds", allow_zero=True)],
@@ -119,6 +120,18 @@ class Options(usage.Options):
          "benchmarks; not needed for upgrades)"],
     ]
 
+    def parseOptions(self, options=None):
+        """
+        Under twistd, a start-up error that is not a usage mistake is said in
+        one line, without twistd's usage text (L{twisted_graceful.startup}).
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except StartupError as e:
+            if self.parent is None:
+                raise
+            exit_with(e)
+
     def listener_options(self):
         """
         listener name -> (option, description).
@@ -132,13 +145,14 @@ class Options(usage.Options):
         else:
             self["db"] = os.path.abspath(self["db"])
             if not os.path.isdir(os.path.dirname(self["db"])):
-                raise usage.UsageError(f"--db {self['db']}: the directory does not exist")
+                raise StartupError(f"--db {self['db']}: the directory does not exist; create it "
+                                   f"or choose another --db")
             # A database this user cannot open or write is said at once,
             # naming the path and the reason (not after the readiness checks
             # gave up).
             problem = open_problem(self["db"])
             if problem is not None:
-                raise usage.UsageError(f"--db {problem}")
+                raise StartupError(f"--db {problem}")
         if self["log-format"] not in logs.LOG_FORMATS:
             raise usage.UsageError(
                 f"--log-format must be one of {', '.join(logs.LOG_FORMATS)}, "
@@ -165,13 +179,19 @@ class Options(usage.Options):
             for name, (option, description) in self.listener_options().items():
                 specs[name] = parse_listen_description(description, option)
                 options[name] = option
-            if getattr(self, "preflight", False):
-                return  # a check of the options and the code: bind nothing
-            # Bind (or inherit) now, before twistd daemonizes: a port in use or
-            # garbage from the previous generation is a usage error, not a traceback.
-            self.inheritance = Inheritance.acquire(specs, os.environ, self["reuse-port"], options)
         except ListenerError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e))  # a description that cannot be parsed
+        if getattr(self, "preflight", False):
+            return  # a check of the options and the code: bind nothing
+        try:
+            # Bind (or inherit) now, before twistd daemonizes: a port in use or
+            # garbage from the previous generation is one line, not a traceback.
+            self.inheritance = Inheritance.acquire(specs, os.environ, self["reuse-port"], options)
+        except HandoffError as e:
+            raise StartupError(f"{e} (the GRACEFUL_* variables are set by a running server for "
+                               f"the process it starts; unset them to start a new server)")
+        except ListenerError as e:
+            raise StartupError(str(e))
         self.cwd = os.getcwd()
 
 
