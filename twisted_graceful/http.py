@@ -262,14 +262,18 @@ class GracefulSite(server.Site):
     """
 
     def __init__(self, resource, drain_tracker=None, max_body=DEFAULT_MAX_BODY,
-                 header_timeout=DEFAULT_HEADER_TIMEOUT, **kwargs):
+                 header_timeout=DEFAULT_HEADER_TIMEOUT, protocol_name="http", **kwargs):
         server.Site.__init__(self, resource, **kwargs)
         self.drain_tracker = drain_tracker
         self.max_body = max_body
         self.header_timeout = header_timeout
+        self.protocol_name = protocol_name  # how the drain and the metrics name its connections
 
     def protocol(self):
-        return GenericHTTPChannelProtocol(DrainableHTTPChannel())
+        channel = DrainableHTTPChannel()
+        if self.protocol_name != channel.protocol_name:
+            channel.protocol_name = self.protocol_name
+        return GenericHTTPChannelProtocol(channel)
 
 
 class _SelfTestClient(protocol.Protocol):

@@ -288,7 +288,7 @@ def adopt(specs, environ=None, options=None, pid=None, start=SD_LISTEN_FDS_START
     try:
         for name, info in chosen.items():
             try:
-                sock = check_listening_socket(info.fd)
+                sock = check_listening_socket(info.fd, socktype=specs[name].socktype)
             except ListenerError as e:
                 raise SystemdError(
                     f"{options.get(name, '--port')} {specs[name].description}: {PREFIX}: "
