@@ -1,0 +1,170 @@
+"""
+TLS listeners' pieces: C{--tls-port} parsing (Twisted's C{ssl:} keywords),
+loading a certificate with an error that names the file at fault, and a
+TLS connection closed at a drain with a close_notify (not a TCP half-close
+under it).
+"""
+
+import os
+import socket
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.ssl import CertificateOptions
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.certs import write_certificate
+from twisted_graceful.drain import close_in_stages
+from twisted_graceful.listeners import TLS, ListenerError, parse_listen_description
+from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
+
+
+def tls_spec(description):
+    return parse_listen_description(description, "--tls-port", TLS)
+
+
+class ParseTests(SynchronousTestCase):
+    def test_twisted_keywords_are_kept_for_the_certificate(self):
+        spec = tls_spec("ssl:8443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1")
+        self.assertEqual((spec.kind, spec.host, spec.port), ("ssl", "127.0.0.1", 8443))
+        self.assertEqual(dict(spec.tls), {"privateKey": "k.pem", "certKey": "c.pem"})
+        self.assertEqual(spec.expects, (socket.AF_INET, socket.SOCK_STREAM))
+
+    def test_a_number_is_ssl(self):
+        self.assertEqual(tls_spec("8443").kind, "ssl")
+
+    def test_systemd_socket_with_keywords(self):
+        spec = tls_spec("systemd:https:privateKey=k.pem:certKey=c.pem")
+        self.assertEqual((spec.kind, spec.name, dict(spec.tls)["certKey"]),
+                         ("systemd", "https", "c.pem"))
+
+    def test_tls_keywords_are_refused_elsewhere(self):
+        error = self.assertRaises(ListenerError, parse_listen_description,
+                                  "tcp:8080:privateKey=k.pem", "--port")
+        self.assertIn("unknown parameter(s) privateKey", str(error))
+
+    def test_not_ssl(self):
+        error = self.assertRaises(ListenerError, tls_spec, "tcp:8443")
+        self.assertIn("--tls-port 'tcp:8443': unsupported listener type 'tcp'", str(error))
+
+
+class LoadTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.cert, self.key = self.path("cert.pem"), self.path("key.pem")
+        self.fingerprint = write_certificate(self.cert, self.key, "example.test")
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def load(self, key=None, cert=None):
+        return load_certificate(tls_spec(f"ssl:0:privateKey={key or self.key}:"
+                                         f"certKey={cert or self.cert}"))
+
+    def assertRefused(self, *fragments, **files):
+        error = self.assertRaises(CertificateError, self.load, **files)
+        self.assertIn("--tls-port ssl:0:", str(error))
+        for fragment in fragments:
+            self.assertIn(fragment, str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_loads_and_describes(self):
+        loaded = self.load()
+        self.assertIsInstance(loaded.context_factory, CertificateOptions)
+        described = loaded.as_dict()
+        self.assertEqual(described["subject"], "CN=example.test")
+        self.assertEqual(described["sha256"], self.fingerprint)
+        self.assertEqual(described["certificate"], self.cert)
+        self.assertRegex(described["not_after"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+    def test_key_and_certificate_in_one_file(self):
+        both = self.path("both.pem")
+        with open(both, "wb") as f:
+            f.write(open(self.cert, "rb").read() + open(self.key, "rb").read())
+        loaded = load_certificate(tls_spec(f"ssl:0:privateKey={both}"))
+        self.assertEqual(loaded.sha256, self.fingerprint)
+
+    def test_missing_file(self):
+        self.assertRefused(f"cannot read the private key (privateKey={self.path('no.pem')})",
+                           "No such file", key=self.path("no.pem"))
+
+    def test_broken_certificate(self):
+        broken = self.path("broken.pem")
+        with open(broken, "w") as f:
+            f.write("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+        self.assertRefused(f"certKey={broken} is not a PEM certificate", cert=broken)
+
+    def test_certificate_given_as_key(self):
+        self.assertRefused(f"privateKey={self.cert} is not a PEM private key", key=self.cert)
+
+    def test_key_that_does_not_match(self):
+        other_key = self.path("other-key.pem")
+        write_certificate(self.path("other.pem"), other_key, "other")
+        self.assertRefused(f"the private key (privateKey={other_key}) does not match the "
+                           f"certificate (certKey={self.cert})", key=other_key)
+
+
+class _Hold(protocol.Protocol):
+    """
+    The server side: closes in stages as a draining channel does.
+    """
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+
+
+class _Client(protocol.Protocol):
+    def __init__(self):
+        self.closed = defer.Deferred()
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(reason.value)
+
+
+class CloseInStagesTests(TestCase):
+    """
+    A draining TLS connection closes with a close_notify: the client sees a
+    clean TLS end (not a TLS stream cut by a bare FIN) and what was written
+    before arrives.
+    """
+
+    @defer.inlineCallbacks
+    def test_tls_connection_closes_with_close_notify(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
+        write_certificate(cert, key, "drain.test")
+        loaded = load_certificate(tls_spec(f"ssl:0:privateKey={key}:certKey={cert}"))
+        server = protocol.Factory.forProtocol(_Hold)
+        server.connections = []
+        port = reactor.listenTCP(0, tls_factory(loaded, server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        from twisted.internet.ssl import CertificateOptions as ClientOptions
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        client = _Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield endpoint.connect(TLSMemoryBIOFactory(
+            ClientOptions(), True, protocol.Factory.forProtocol(lambda: client)))
+        client.transport.write(b"hello")  # the handshake happens
+        while not server.connections:
+            yield _tick()
+        held = server.connections[0]
+        held.transport.write(b"last reply")
+        delayed = close_in_stages(held.transport, reactor.callLater, linger=5)
+        self.addCleanup(lambda: delayed.active() and delayed.cancel())
+        reason = yield client.closed
+        self.assertEqual(client.received, b"last reply")
+        self.assertIsInstance(reason, ConnectionDone)  # a clean close_notify end
+
+
+def _tick():
+    d = defer.Deferred()
+    reactor.callLater(0.01, d.callback, None)
+    return d
