@@ -72,6 +72,20 @@ class SocketTests(SynchronousTestCase):
         self.assertFalse(sock.getblocking())
         self.assertRegex(describe_socket(sock), r"^udp:127\.0\.0\.1:\d+$")
 
+    def test_receive_buffer(self):
+        spec = parse_listen_description("udp:0:interface=127.0.0.1:rcvbuf=65536", "--udp-port",
+                                        DATAGRAM)
+        sock = bind_listener(spec, "--udp-port")
+        self.addCleanup(sock.close)
+        # Linux doubles it (bookkeeping); at least what was asked for.
+        self.assertGreaterEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), 65536)
+        error = self.assertRaises(ListenerError, parse_listen_description, "udp:0:rcvbuf=-1",
+                                  "--udp-port", DATAGRAM)
+        self.assertIn("rcvbuf must be a number of bytes, not '-1'", str(error))
+        error = self.assertRaises(ListenerError, parse_listen_description, "tcp:0:rcvbuf=1",
+                                  "--port")
+        self.assertIn("unknown parameter(s) rcvbuf", str(error))
+
     def test_check_accepts_a_bound_datagram_socket(self):
         sock = self.bound()
         checked = check_listening_socket(sock.fileno(), socket.AF_INET, socket.SOCK_DGRAM)

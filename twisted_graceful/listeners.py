@@ -41,7 +41,7 @@ _ROLE_KINDS = {
 }
 _ROLE_FORMS = {
     STREAM: "a port number, tcp:PORT, tcp6:PORT, unix:PATH or systemd:NAME",
-    DATAGRAM: "a port number, udp:PORT[:interface=ADDR] or systemd:NAME",
+    DATAGRAM: "a port number, udp:PORT[:interface=ADDR][:rcvbuf=BYTES] or systemd:NAME",
     TLS: ("a port number, ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem[:interface=ADDR] or "
           "systemd:NAME:privateKey=KEY.pem:certKey=CERT.pem"),
 }
@@ -69,6 +69,7 @@ class ListenSpec:
     index: int = -1  # systemd: position when unnamed
     role: str = STREAM  # STREAM, DATAGRAM or TLS
     tls: tuple = ()  # TLS: Twisted's ssl: keywords, (name, value) pairs
+    rcvbuf: int = 0  # DATAGRAM: SO_RCVBUF in bytes (0: the system's default)
 
     @property
     def family(self):
@@ -159,6 +160,18 @@ def parse_listen_description(description, option="--port", role=STREAM):
     tls = ()
     if role == TLS:
         tls = tuple((key, keywords.pop(key)) for key in TLS_KEYWORDS if key in keywords)
+    rcvbuf = 0
+    if role == DATAGRAM and "rcvbuf" in keywords:
+        # The one queue every generation reads: what arrives while none reads
+        # (a loaded machine, an upgrade) waits there; beyond it, the kernel drops.
+        text = keywords.pop("rcvbuf")
+        try:
+            rcvbuf = int(text)
+            if not 0 < rcvbuf < 2**31:
+                raise ValueError(rcvbuf)
+        except ValueError:
+            raise ListenerError(f"{option} {description!r}: rcvbuf must be a number of bytes, "
+                                f"not {text!r}")
 
     if kind == "udp":
         port, host = _port_and_host(option, description, keywords, positional, "0.0.0.0")
@@ -169,7 +182,7 @@ def parse_listen_description(description, option="--port", role=STREAM):
         except OSError:
             raise ListenerError(f"{option} {description!r}: {host!r} is not an IPv4 or IPv6 "
                                 f"address")
-        return ListenSpec(text, kind, host=host, port=port, role=role)
+        return ListenSpec(text, kind, host=host, port=port, role=role, rcvbuf=rcvbuf)
 
     if kind == "ssl":
         port, host = _port_and_host(option, description, keywords, positional, "0.0.0.0")
@@ -227,7 +240,7 @@ def parse_listen_description(description, option="--port", role=STREAM):
     if not name and index < 0:
         raise ListenerError(f"{option} {description!r}: systemd: needs a socket name or index=N")
     return ListenSpec(text, "systemd", name=name, index=index, backlog=backlog, role=role,
-                      tls=tls)
+                      tls=tls, rcvbuf=rcvbuf)
 
 
 def _port_and_host(option, description, keywords, positional, default_host):
@@ -269,6 +282,7 @@ def bind_listener(spec, option="--port", reuse_port=False):
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((spec.host, spec.port))
+        set_receive_buffer(sock, spec)
         if spec.socktype == socket.SOCK_STREAM:
             sock.listen(spec.backlog)
         # A datagram socket needs no listen(): bound, it receives; every
@@ -282,6 +296,16 @@ def bind_listener(spec, option="--port", reuse_port=False):
             reason = "address already in use (is another server running there?)"
         raise ListenerError(f"{option} {spec.description}: cannot listen on {where}: {reason}")
     return sock
+
+
+def set_receive_buffer(sock, spec):
+    """
+    Give a datagram socket the receive buffer C{spec} asks for (C{rcvbuf=};
+    the kernel caps it at C{net.core.rmem_max}). It is the socket's, so every
+    process holding it shares it: set once, by the first generation.
+    """
+    if spec.rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, spec.rcvbuf)
 
 
 def _remove_stale_unix_socket(spec, option):

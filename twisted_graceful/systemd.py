@@ -25,7 +25,7 @@ import sys
 from collections import OrderedDict
 
 from twisted_graceful.listeners import (
-    ListenerError, check_listening_socket, fd_limit, shorten)
+    ListenerError, check_listening_socket, fd_limit, set_receive_buffer, shorten)
 
 LISTEN_PID = "LISTEN_PID"
 LISTEN_FDS = "LISTEN_FDS"
@@ -295,6 +295,7 @@ def adopt(specs, environ=None, options=None, pid=None, start=SD_LISTEN_FDS_START
                     f"{info.describe()}: {e}"
                 )
             sockets[name] = sock
+            set_receive_buffer(sock, specs[name])  # or ReceiveBuffer= in the .socket unit
             # systemd passes blocking sockets unless NonBlocking=yes; the flag is
             # on the shared open file description (docs/design.md, fact 2): setting it is
             # what every later generation needs too.

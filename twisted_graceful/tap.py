@@ -109,8 +109,8 @@ class Options(usage.Options):
          "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
         ["metrics-port", None, "tcp:9090:interface=127.0.0.1", "Prometheus /metrics and JSON "
          "/status listener (same forms as --port)"],
-        ["udp-port", None, "", "UDP listener (off by default): udp:PORT[:interface=ADDR] or "
-         "systemd:NAME; answers 'PING <token>' datagrams with the PID and generation, counts "
+        ["udp-port", None, "", "UDP listener (off by default): "
+         "udp:PORT[:interface=ADDR][:rcvbuf=BYTES] or systemd:NAME; answers 'PING <token>' datagrams with the PID and generation, counts "
          "any other datagram as a log message"],
         ["tls-port", None, "", "HTTPS listener (off by default), Twisted's endpoint syntax: "
          "ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem[:interface=ADDR] (files relative to the "
