@@ -214,3 +214,38 @@ class PingProtocolTests(SynchronousTestCase):
         self.assertEqual(reply, b"PONG self-test pid 4242 generation 3\n")
         self.assertEqual(results, [])  # not counted, nothing sent
         self.assertEqual(proto.transport.written, [])
+
+
+class UnitFileTests(SynchronousTestCase):
+    """
+    The shipped systemd units pass a datagram socket named as the service's
+    C{--udp-port} asks, and the bound unit's C{--udp-port} parses.
+    """
+
+    def read(self, name):
+        from tests.test_tap import UNITS
+
+        with open(os.path.join(UNITS, name)) as f:
+            return f.read().replace("\\\n", " ")
+
+    def udp_option(self, unit):
+        import re
+
+        m = re.search(r"--udp-port\s+(\S+)", self.read(unit))
+        self.assertIsNotNone(m, unit)
+        return parse_listen_description(m.group(1), "--udp-port", DATAGRAM)
+
+    def test_socket_activated(self):
+        import re
+
+        spec = self.udp_option("graceful.service")
+        socket_unit = self.read("graceful-udp.socket")
+        self.assertRegex(socket_unit, r"(?m)^ListenDatagram=")
+        self.assertNotRegex(socket_unit, r"(?m)^ListenStream=")
+        self.assertEqual(re.findall(r"(?m)^FileDescriptorName=(\S+)", socket_unit), [spec.name])
+        self.assertIn("graceful-udp.socket", re.findall(r"(?m)^Sockets=(.*)$",
+                                                        self.read("graceful.service"))[-1])
+
+    def test_bound(self):
+        spec = self.udp_option("graceful-bound.service")
+        self.assertEqual(spec.kind, "udp")
