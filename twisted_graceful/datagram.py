@@ -8,7 +8,7 @@ Its socket is handed from generation to generation like the stream
 listeners (one socket, one kernel queue, shared by every process holding
 it): a new generation starts reading it before the old one stops, so a
 datagram that arrives during an upgrade waits in that queue and is read by
-one of them, never lost. A datagram socket has no connections, so there is
+one of them, never lost while the queue has room (docs/design.md, fact 28). A datagram socket has no connections, so there is
 nothing to drain.
 """
 
