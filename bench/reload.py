@@ -652,6 +652,8 @@ async def udp_pinger(port, rate, stop, result, max_datagrams=10**7, grace=5.0):
     C{grace} seconds for the last answers. Fills C{result}: sent, answered,
     lost (never answered), answered twice, the generations that answered.
     """
+    from tests.datagrams import udp_drops
+
     loop = asyncio.get_running_loop()
     transport, pinger = await loop.create_datagram_endpoint(
         _Pinger, local_addr=("127.0.0.1", 0))
@@ -662,7 +664,7 @@ async def udp_pinger(port, rate, stop, result, max_datagrams=10**7, grace=5.0):
         pass
     sent = 0
     started = time.monotonic()
-    drops_before = udp_receive_buffer_drops()
+    drops_before = udp_drops()
     try:
         while not stop.is_set() and sent < max_datagrams:
             due = int((time.monotonic() - started) * rate)
@@ -685,22 +687,10 @@ async def udp_pinger(port, rate, stop, result, max_datagrams=10**7, grace=5.0):
         "rate": rate,
         # What the kernel dropped for a full receive buffer meanwhile (on
         # this machine, whoever's socket): what explains a lost datagram.
-        "receive_buffer_drops": (udp_receive_buffer_drops() - drops_before
+        "receive_buffer_drops": (udp_drops() - drops_before
                                  if drops_before is not None else None),
     })
 
-
-def udp_receive_buffer_drops():
-    """
-    C{RcvbufErrors} of /proc/net/snmp: datagrams dropped for a full receive
-    buffer, on the whole machine.
-    """
-    try:
-        with open("/proc/net/snmp") as f:
-            rows = [line.split() for line in f if line.startswith("Udp:")]
-        return int(rows[1][rows[0].index("RcvbufErrors")])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 async def tls_certificate_name(port, context, timeout=10.0):

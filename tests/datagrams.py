@@ -4,7 +4,6 @@ every PONG collected, so that a test can say which were answered, by whom,
 and how many times. Bounded in time and count; loopback only.
 """
 
-import os
 import re
 import socket
 import threading
@@ -110,6 +109,17 @@ class PingLoad:
         with self._lock:
             return {t: a for t, a in self.answers.items() if len(a) > 1}
 
+    def pids_by_generation(self):
+        """
+        generation -> the pids that answered for it.
+        """
+        pids = {}
+        with self._lock:
+            for answers in self.answers.values():
+                for pid, generation in answers:
+                    pids.setdefault(generation, set()).add(pid)
+        return pids
+
     def generations(self):
         with self._lock:
             return sorted({g for answers in self.answers.values() for _, g in answers})
@@ -131,38 +141,3 @@ def udp_drops():
     except (OSError, IndexError, ValueError):
         return None
 
-
-def wait_udp_bound(port, pid, output=lambda: "", timeout=30.0):
-    """
-    Wait until C{pid} holds a UDP socket bound to C{port} (read in
-    C{/proc/<pid>/net/udp}: sending to find out would be what the test is
-    about, as with socket activation, which starts on the first datagram).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        bound = set()
-        for table in ("udp", "udp6"):
-            try:
-                with open(f"/proc/{pid}/net/{table}") as f:
-                    rows = f.read().splitlines()[1:]
-            except OSError:
-                rows = []
-            for row in rows:
-                fields = row.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    bound.add(f"socket:[{fields[9]}]")
-        if bound:
-            try:
-                fds = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                fds = []
-            for fd in fds:
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") in bound:
-                        return
-                except OSError:
-                    continue
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no UDP socket on port {port} after {timeout} s; output:\n"
-                                 + output())
-        time.sleep(0.02)  # a socket table has no event to wait on

@@ -5,6 +5,7 @@ reading, and the PING protocol.
 """
 
 import os
+import re
 import socket
 
 from twisted.internet import reactor as real_reactor
@@ -218,8 +219,9 @@ class PingProtocolTests(SynchronousTestCase):
 
 class UnitFileTests(SynchronousTestCase):
     """
-    The shipped systemd units pass a datagram socket named as the service's
-    C{--udp-port} asks, and the bound unit's C{--udp-port} parses.
+    The shipped systemd units: the socket-activated service takes a datagram
+    socket and an HTTPS stream socket by the names their C{.socket} units
+    give them; the bound unit's C{--udp-port} and C{--tls-port} parse.
     """
 
     def read(self, name):
@@ -228,24 +230,31 @@ class UnitFileTests(SynchronousTestCase):
         with open(os.path.join(UNITS, name)) as f:
             return f.read().replace("\\\n", " ")
 
-    def udp_option(self, unit):
-        import re
-
-        m = re.search(r"--udp-port\s+(\S+)", self.read(unit))
+    def option(self, unit, option, role):
+        m = re.search(rf"{option}\s+(\S+)", self.read(unit))
         self.assertIsNotNone(m, unit)
-        return parse_listen_description(m.group(1), "--udp-port", DATAGRAM)
+        return parse_listen_description(m.group(1), option, role)
 
-    def test_socket_activated(self):
-        import re
-
-        spec = self.udp_option("graceful.service")
-        socket_unit = self.read("graceful-udp.socket")
-        self.assertRegex(socket_unit, r"(?m)^ListenDatagram=")
-        self.assertNotRegex(socket_unit, r"(?m)^ListenStream=")
+    def assertSocketUnit(self, name, spec, directive, other):
+        socket_unit = self.read(name)
+        self.assertRegex(socket_unit, rf"(?m)^{directive}=")
+        self.assertNotRegex(socket_unit, rf"(?m)^{other}=")
         self.assertEqual(re.findall(r"(?m)^FileDescriptorName=(\S+)", socket_unit), [spec.name])
-        self.assertIn("graceful-udp.socket", re.findall(r"(?m)^Sockets=(.*)$",
-                                                        self.read("graceful.service"))[-1])
+        sockets = " ".join(re.findall(r"(?m)^Sockets=(.*)$", self.read("graceful.service")))
+        self.assertIn(name, sockets)
+
+    def test_socket_activated_udp(self):
+        spec = self.option("graceful.service", "--udp-port", DATAGRAM)
+        self.assertEqual(spec.kind, "systemd")
+        self.assertSocketUnit("graceful-udp.socket", spec, "ListenDatagram", "ListenStream")
+
+    def test_socket_activated_https(self):
+        spec = self.option("graceful.service", "--tls-port", TLS)
+        self.assertEqual(set(dict(spec.tls)), {"privateKey", "certKey"})
+        self.assertSocketUnit("graceful-https.socket", spec, "ListenStream", "ListenDatagram")
 
     def test_bound(self):
-        spec = self.udp_option("graceful-bound.service")
-        self.assertEqual(spec.kind, "udp")
+        self.assertEqual(self.option("graceful-bound.service", "--udp-port", DATAGRAM).kind,
+                         "udp")
+        spec = self.option("graceful-bound.service", "--tls-port", TLS)
+        self.assertEqual((spec.kind, spec.port), ("ssl", 8443))

@@ -169,36 +169,3 @@ def _tick():
     reactor.callLater(0.01, d.callback, None)
     return d
 
-
-class UnitFileTests(SynchronousTestCase):
-    """
-    The shipped units' C{--tls-port} parse, and the socket-activated one takes
-    the stream socket of C{graceful-https.socket} by its name.
-    """
-
-    def read(self, name):
-        from tests.test_tap import UNITS
-
-        with open(os.path.join(UNITS, name)) as f:
-            return f.read().replace("\\\n", " ")
-
-    def tls_option(self, unit):
-        import re
-
-        m = re.search(r"--tls-port\s+(\S+)", self.read(unit))
-        self.assertIsNotNone(m, unit)
-        return tls_spec(m.group(1))
-
-    def test_socket_activated(self):
-        import re
-
-        spec = self.tls_option("graceful.service")
-        self.assertEqual(spec.kind, "systemd")
-        self.assertEqual(set(dict(spec.tls)), {"privateKey", "certKey"})
-        socket_unit = self.read("graceful-https.socket")
-        self.assertRegex(socket_unit, r"(?m)^ListenStream=")
-        self.assertEqual(re.findall(r"(?m)^FileDescriptorName=(\S+)", socket_unit), [spec.name])
-
-    def test_bound(self):
-        spec = self.tls_option("graceful-bound.service")
-        self.assertEqual((spec.kind, spec.port), ("ssl", 8443))

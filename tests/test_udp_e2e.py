@@ -16,9 +16,10 @@ import sys
 
 from twisted.trial import unittest
 
-from tests.datagrams import PingLoad, udp_drops, wait_udp_bound
+from tests.datagrams import PingLoad, udp_drops
 from tests.e2e import (
-    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, listener_ports)
+    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, listener_ports,
+    wait_tcp_listening)
 from tests.test_systemd_e2e import LAUNCHER, SOCKET_ACTIVATE
 
 UPGRADES = 5
@@ -97,10 +98,7 @@ class UpgradeTests(PingsThroughUpgradesMixin, unittest.TestCase):
         port = self.udp_port(server)
         load = self.assert_pings_through_upgrades(server, port)
         # One generation at a time answers: each answer's generation has one pid.
-        pids = {}
-        for answers in load.answers.values():
-            for pid, generation in answers:
-                pids.setdefault(generation, set()).add(pid)
+        pids = load.pids_by_generation()
         self.assertTrue(all(len(p) == 1 for p in pids.values()), pids)
 
     def test_pings_through_five_upgrades_with_two_workers(self):
@@ -109,10 +107,7 @@ class UpgradeTests(PingsThroughUpgradesMixin, unittest.TestCase):
         port = self.udp_port(server)
         load = self.assert_pings_through_upgrades(server, port)
         # Both workers of a set read the one socket, and the master none.
-        pids = {}
-        for answers in load.answers.values():
-            for pid, generation in answers:
-                pids.setdefault(generation, set()).add(pid)
+        pids = load.pids_by_generation()
         self.assertNotIn(master, set().union(*pids.values()))
         self.assertEqual(len(pids[UPGRADES + 1]), 2, pids)
 
@@ -160,7 +155,7 @@ class SocketActivationTests(PingsThroughUpgradesMixin, unittest.TestCase):
             command += ["-E", f"{variable}={server.env.get(variable, '')}"]
         server.command = command + server.command
         server.start()
-        wait_udp_bound(port, server.proc.pid, server.output)
+        wait_tcp_listening(port, server.proc.pid, server.output, udp=True)
         # The first datagram starts the server; it waits in the socket's
         # queue and is answered once the first workers serve.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first:
