@@ -109,13 +109,10 @@ class Options(usage.Options):
          "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
         ["metrics-port", None, "tcp:9090:interface=127.0.0.1", "Prometheus /metrics and JSON "
          "/status listener (same forms as --port)"],
-        ["udp-port", None, "", "UDP listener (off by default): "
-         "udp:PORT[:interface=ADDR][:rcvbuf=BYTES] or systemd:NAME; answers 'PING <token>' datagrams with the PID and generation, counts "
-         "any other datagram as a log message"],
-        ["tls-port", None, "", "HTTPS listener (off by default), Twisted's endpoint syntax: "
-         "ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem[:interface=ADDR] (files relative to the "
-         "working directory, loaded by each generation when it starts) or "
-         "systemd:NAME:privateKey=...:certKey=..."],
+        ["udp-port", None, "", "UDP listener (off by default): udp:PORT[:interface=ADDR]"
+         "[:rcvbuf=BYTES] or systemd:NAME; answers PING <token>"],
+        ["tls-port", None, "", "HTTPS listener (off by default): "
+         "ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem[:interface=ADDR]"],
         ["workers", "w", "1", "Worker processes: N (>= 1) under a master that owns the ports "
          "and never leaves, auto (one per CPU), or 0 (no master: the process replaces itself "
          "on each upgrade)"],
