@@ -15,7 +15,10 @@ import sys
 from twisted.trial import unittest
 
 from tests.certs import client_context, peer_common_name, write_certificate
-from tests.e2e import REPO, TWISTD, ClearErrorMixin, ServerProcess, listener_ports, pid_in
+from tests.e2e import (
+    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, listener_ports, pid_in,
+    wait_tcp_listening)
+from tests.test_systemd_e2e import SOCKET_ACTIVATE
 from tests.test_udp_e2e import reload
 
 
@@ -131,6 +134,45 @@ class MasterTLSTests(TLSTestCase):
     """
 
     workers = "1"
+
+
+class SocketActivationTests(unittest.TestCase):
+    """
+    C{--tls-port systemd:https:privateKey=...:certKey=...}: systemd passes a
+    plain TCP socket (here C{systemd-socket-activate}, which starts the
+    server on the first connection); the workers serve TLS on it.
+    """
+
+    def test_https_on_a_socket_from_systemd(self):
+        if SOCKET_ACTIVATE is None:
+            raise unittest.SkipTest("systemd-socket-activate is not installed")
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        write_certificate(os.path.join(cwd, "cert.pem"), os.path.join(cwd, "key.pem"), "sd")
+        port = free_port()
+        server = ServerProcess(self, [
+            "graceful", "--port", "tcp:0:interface=127.0.0.1", "--slow-every", "0",
+            "--tls-port", "systemd:https:privateKey=key.pem:certKey=cert.pem",
+            "--db", os.path.join(cwd, "store.sqlite3")], cwd=cwd)
+        command = [SOCKET_ACTIVATE, "--fdname=https", "-l", f"127.0.0.1:{port}"]
+        for variable in ("PYTHONPATH", "PYTHONUNBUFFERED", "PATH", "HOME", MARKER_ENV):
+            command += ["-E", f"{variable}={server.env.get(variable, '')}"]
+        server.command = command + server.command
+        server.start()
+        wait_tcp_listening(port, server.proc.pid, server.output)
+        # The first connection starts the server and waits in the queue.
+        status, body, _, name, connection = https(port)
+        connection.close()
+        self.assertEqual((status, name), (200, "sd"))
+        self.assertIn("(generation 1)", body)
+        write_certificate(os.path.join(cwd, "cert.pem"), os.path.join(cwd, "key.pem"),
+                          "sd-renewed")
+        result = reload(server)
+        self.assertEqual(result.returncode, 0, result.stdout + server.output(40))
+        status, body, _, name, connection = https(port)
+        connection.close()
+        self.assertEqual((status, name), (200, "sd-renewed"))
+        self.assertIn("(generation 2)", body)
 
 
 class StartTests(ClearErrorMixin, unittest.TestCase):
