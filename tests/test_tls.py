@@ -169,3 +169,73 @@ def _tick():
     reactor.callLater(0.01, d.callback, None)
     return d
 
+
+
+class LibraryTests(TestCase):
+    """
+    C{GracefulService.add_listener(..., role=TLS)} without a certificate
+    given: the service loads it when it starts, serves the factory over TLS
+    with it, and a certificate that cannot be used stops the generation
+    before it serves (it gives up, as when not ready).
+    """
+
+    def start(self, cert_name="cert.pem"):
+        from tests.test_service import SpawningReactor
+        from twisted_graceful.inherit import Inheritance
+        from twisted_graceful.service import GracefulService
+
+        class Recording(SpawningReactor):
+            factories = []
+
+            def adoptStreamPort(self, fileno, family, factory):
+                self.factories.append(factory)
+                return SpawningReactor.adoptStreamPort(self, fileno, family, factory)
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        write_certificate(os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem"),
+                          "library.test")
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.addCleanup(sock.close)
+        self.reactor = Recording()
+        service = GracefulService(
+            self.reactor, environ={}, inheritance=Inheritance({"https": sock}, source="bound"),
+            install_signal_handlers=False, relay_output=False)
+        self.given_up = []
+
+        def give_up(status, why):
+            self.given_up.append((status, why))
+            raise _GaveUp(why)
+
+        service._give_up = give_up
+        service.add_listener("https", f"ssl:0:privateKey={directory}/key.pem:"
+                                      f"certKey={directory}/{cert_name}:interface=127.0.0.1",
+                             protocol.Factory(), role=TLS)
+        self.addCleanup(lambda: [os.close(p.fileno()) for p in self.reactor.ports])
+        self.addCleanup(lambda: service.lineage and service.lineage.close())
+        return service
+
+    def test_loads_its_certificate_and_serves_tls(self):
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        service = self.start()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertIsInstance(self.reactor.factories[0], TLSMemoryBIOFactory)
+        self.assertEqual(service.certificates["https"]["subject"], "CN=library.test")
+        self.assertEqual(service.listeners["https"].describe()[:4], "ssl:")
+
+    def test_a_certificate_that_cannot_be_loaded_stops_it_before_it_serves(self):
+        service = self.start(cert_name="missing.pem")
+        self.assertRaises(_GaveUp, service.startService)
+        [(status, why)] = self.given_up
+        self.assertEqual(status, 3)
+        self.assertIn("cannot read the certificate", why)
+        self.assertIn("not starting", why)
+        self.assertEqual(self.reactor.factories, [])  # nothing adopted, nothing served
+
+
+class _GaveUp(Exception):
+    pass
