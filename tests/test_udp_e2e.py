@@ -111,6 +111,46 @@ class UpgradeTests(PingsThroughUpgradesMixin, unittest.TestCase):
         self.assertNotIn(master, set().union(*pids.values()))
         self.assertEqual(len(pids[UPGRADES + 1]), 2, pids)
 
+    def test_pings_through_a_master_reexec(self):
+        """
+        SIGUSR2: the master re-executes itself (same PID, same sockets) and
+        upgrades its workers; the datagram socket goes through both, and a
+        TLS listener beside it too (the master's new image loads no
+        certificate; its new workers do).
+        """
+        import signal
+
+        from tests.certs import write_certificate
+        from tests.test_tls_e2e import https
+
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        write_certificate(os.path.join(cwd, "cert.pem"), os.path.join(cwd, "key.pem"), "x")
+        server = ServerProcess(self, [
+            "graceful", "--port", "tcp:0:interface=127.0.0.1", "--slow-every", "0",
+            "--udp-port", f"udp:0:interface=127.0.0.1:rcvbuf={RCVBUF}",
+            "--tls-port", "ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1",
+            "--db", os.path.join(cwd, "store.sqlite3"), "--workers", "1"], cwd=cwd).start()
+        master = server.wait_pidfile()
+        port = self.udp_port(server)
+        load = PingLoad(port, rate=RATE).start()
+        self.addCleanup(load.stop, 0)
+        server.signal(master, signal.SIGUSR2)
+        server.wait_entry(master, lambda e: e.get("execs") == 1
+                                  and e.get("generation") == 2 and e.get("state") == "serving",
+                                  "re-executed, workers generation 2 serving", 90)
+        sent = load.count_sent()
+        server.wait_status(lambda entries: load.count_sent() > sent + 200, "200 more PINGs")
+        self.assertEqual(load.stop(), [], server.output(40))
+        self.assertEqual(load.generations(), [1, 2])
+        self.assertEqual(server.read_pidfile(), master)
+        tls = listener_ports(next(e for e in server.status().values()
+                                  if e.get("generation") == 2 and "https" in e["listeners"]))
+        status, body, _, name, connection = https(tls["https"])
+        connection.close()
+        self.assertEqual((status, name), (200, "x"))
+        self.assertIn("(generation 2)", body)
+
     def test_status_and_metrics(self):
         server = self.start("--workers", "0")
         pid = server.wait_ready(1)
