@@ -95,6 +95,12 @@ class TLSTestCase(unittest.TestCase):
         self.assertTrue(certificates)
         self.assertEqual({c["sha256"] for c in certificates}, {fingerprint})
         self.assertEqual({c["subject"] for c in certificates}, {"CN=second"})
+        if self.workers == "0":  # a master's status lists its workers, not their certificates
+            status = subprocess.run(
+                [sys.executable, "-m", "twisted_graceful", "status", "--pidfile", server.pidfile],
+                capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+            self.assertIn(f"https certificate: CN=second, expires ", status.stdout)
+            self.assertIn(f"sha256 {fingerprint[:16]}...", status.stdout)
 
     def test_broken_certificate_fails_the_upgrade(self):
         server = self.start()
