@@ -239,3 +239,78 @@ class LibraryTests(TestCase):
 
 class _GaveUp(Exception):
     pass
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    A draining generation and a new TLS connection whose first request has
+    not arrived (its handshake takes round trips): not closed at the idle
+    grace, which would reset it, but answered with C{Connection: close} when
+    its request comes, or closed at C{--header-timeout} if none does.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from tests.test_http import Identity
+        from twisted_graceful.drain import DrainTracker
+        from twisted_graceful.hello import HelloResource
+        from twisted_graceful.http import GracefulSite
+
+        self.clock = Clock()
+        self.tracker = DrainTracker(self.clock, idle_grace=1.0, progress_interval=0,
+                                    clock=self.clock.seconds)
+        root = HelloResource(self.clock, Identity(), slow_every=0, emit=lambda m: None)
+        self.site = GracefulSite(root, drain_tracker=self.tracker, reactor=self.clock,
+                                 header_timeout=10.0)
+
+    def connect(self, tls=True):
+        from twisted.internet.interfaces import INegotiated
+        from twisted.internet.testing import StringTransport
+        from zope.interface import alsoProvides
+
+        class TCPTransport(StringTransport):
+            def setTcpNoDelay(self, enabled):
+                pass
+
+        proto = self.site.buildProtocol(None)
+        transport = TCPTransport()
+        if tls:
+            alsoProvides(transport, INegotiated)  # (a TCP transport: ISSLTransport extends it)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_first_request_after_the_grace_is_answered(self):
+        from tests.test_http import GET
+
+        proto, transport = self.connect()
+        self.tracker.drain()
+        self.clock.advance(5)
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(GET)
+        self.assertIn(b"hello world", transport.value())
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_no_request_closed_at_the_header_timeout(self):
+        proto, transport = self.connect()
+        self.tracker.drain()
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_after_a_request_the_grace_applies_as_for_plain_http(self):
+        from tests.test_http import GET
+
+        proto, transport = self.connect()
+        proto.dataReceived(GET)
+        self.tracker.drain()
+        self.clock.advance(1.0)
+        self.assertTrue(transport.disconnecting)
+
+    def test_plain_http_connection_without_a_request_keeps_its_grace(self):
+        proto, transport = self.connect(tls=False)
+        self.tracker.drain()
+        self.clock.advance(1.0)
+        self.assertTrue(transport.disconnecting)
