@@ -261,11 +261,13 @@ async def http_client(port, rec, stop, mode, client_id, timeout=10.0, max_reques
     kind = kind or mode
     reader = writer = None
     sent = 0
+    idle_since = None  # when the kept connection's last response arrived
     while not stop.is_set() and sent < max_requests:
         sent += 1
         start = time.monotonic()
         try:
             if writer is None:
+                idle_since = None
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection("127.0.0.1", port, ssl=ssl), timeout)
             if mode == "post":
@@ -286,8 +288,11 @@ async def http_client(port, rec, stop, mode, client_id, timeout=10.0, max_reques
             if mode != "keepalive" or headers.get("connection") == "close":
                 writer.close()
                 writer = None
+            else:
+                idle_since = time.monotonic()
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
-            rec.add(kind, start, classify(e), repr(e))
+            rec.add(kind, start, classify(e), repr(e) if idle_since is None else
+                    f"{e!r} on a kept connection idle {(start - idle_since) * 1000:.0f} ms")
             if writer is not None:
                 writer.close()
             writer = None
