@@ -99,7 +99,7 @@ class TLSTestCase(unittest.TestCase):
             status = subprocess.run(
                 [sys.executable, "-m", "twisted_graceful", "status", "--pidfile", server.pidfile],
                 capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
-            self.assertIn(f"https certificate: CN=second, expires ", status.stdout)
+            self.assertIn("https certificate: CN=second, expires ", status.stdout)
             self.assertIn(f"sha256 {fingerprint[:16]}...", status.stdout)
 
     def test_broken_certificate_fails_the_upgrade(self):

@@ -46,7 +46,7 @@ from twisted_graceful.lifecycle import (
     stop_reactor,
 )
 from twisted_graceful.listeners import (
-    DATAGRAM, STREAM, TLS, describe_socket, parse_listen_description)
+    STREAM, TLS, describe_socket, parse_listen_description)
 from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 
