@@ -250,26 +250,21 @@ async def read_http_response(reader):
 
 
 async def http_client(port, rec, stop, mode, client_id, timeout=10.0, max_requests=10**6,
-                      acked=None, ssl=None, kind=None):
+                      acked=None):
     """
     mode: keepalive (reuse a connection until the server says close), fresh
     (a connection per request), post (a non-idempotent POST per fresh
-    connection, each incrementing a counter once). With C{ssl} (a client
-    context) over TLS; C{kind} names the requests in C{rec} (the mode by
-    default).
+    connection, each incrementing a counter once).
     """
-    kind = kind or mode
     reader = writer = None
     sent = 0
-    idle_since = None  # when the kept connection's last response arrived
     while not stop.is_set() and sent < max_requests:
         sent += 1
         start = time.monotonic()
         try:
             if writer is None:
-                idle_since = None
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port, ssl=ssl), timeout)
+                    asyncio.open_connection("127.0.0.1", port), timeout)
             if mode == "post":
                 body = b"incr=1"
                 request = (f"POST /kv/bench:post:{client_id} HTTP/1.1\r\nHost: bench\r\n"
@@ -280,16 +275,49 @@ async def http_client(port, rec, stop, mode, client_id, timeout=10.0, max_reques
             writer.write(request)
             status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
             if 200 <= status < 300:
-                rec.add(kind, start, "ok")
+                rec.add(mode, start, "ok")
                 if acked is not None:
                     acked[client_id] = acked.get(client_id, 0) + 1
             else:
-                rec.add(kind, start, "bad_status", str(status))
+                rec.add(mode, start, "bad_status", str(status))
             if mode != "keepalive" or headers.get("connection") == "close":
                 writer.close()
                 writer = None
-            else:
-                idle_since = time.monotonic()
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
+            rec.add(mode, start, classify(e), repr(e))
+            if writer is not None:
+                writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+
+
+async def https_client(port, rec, stop, mode, context, timeout=10.0, max_requests=10**6):
+    """
+    C{GET /} over TLS in a loop, recorded as C{tls-<mode>}: C{keepalive}
+    reuses a connection until the server says close, C{fresh} opens one per
+    request. A failure on a kept connection says how long it had been idle
+    (the idle keep-alive race).
+    """
+    kind = f"tls-{mode}"
+    reader = writer = None
+    idle_since = None  # when the kept connection's last response arrived
+    for _ in range(max_requests):
+        if stop.is_set():
+            break
+        start = time.monotonic()
+        try:
+            if writer is None:
+                idle_since = None
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=context), timeout)
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
+            rec.add(kind, start, "ok" if 200 <= status < 300 else "bad_status", str(status))
+            idle_since = time.monotonic()
+            if mode == "fresh" or headers.get("connection") == "close":
+                writer.close()
+                writer = None
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
             rec.add(kind, start, classify(e), repr(e) if idle_since is None else
                     f"{e!r} on a kept connection idle {(start - idle_since) * 1000:.0f} ms")
@@ -764,9 +792,8 @@ async def udp_tls_during_upgrades(run, upgrades, interval, rate, tls_clients, wo
         rec, stop, udp = Recorder(), asyncio.Event(), {}
         load = asyncio.gather(
             udp_pinger(ports["udp"], rate, stop, udp),
-            *[http_client(ports["https"], rec, stop, mode, f"tls-{mode}{i}", ssl=context,
-                          kind=f"tls-{mode}")
-              for mode in ("keepalive", "fresh") for i in range(tls_clients)])
+            *[https_client(ports["https"], rec, stop, mode, context)
+              for mode in ("keepalive", "fresh") for _ in range(tls_clients)])
         await asyncio.sleep(1.0)  # steady load before the first upgrade
         master = server.read_pid() if workers else None
         current, generation, done, renewed = pid, 1, 0, 0
