@@ -292,42 +292,6 @@ async def http_client(port, rec, stop, mode, client_id, timeout=10.0, max_reques
         writer.close()
 
 
-async def https_client(port, rec, stop, mode, context, timeout=10.0, max_requests=10**6):
-    """
-    C{GET /} over TLS in a loop, recorded as C{tls-<mode>}: C{keepalive}
-    reuses a connection until the server says close, C{fresh} opens one per
-    request. A failure on a kept connection says how long it had been idle
-    (the idle keep-alive race).
-    """
-    kind = f"tls-{mode}"
-    reader = writer = None
-    idle_since = None  # when the kept connection's last response arrived
-    for _ in range(max_requests):
-        if stop.is_set():
-            break
-        start = time.monotonic()
-        try:
-            if writer is None:
-                idle_since = None
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port, ssl=context), timeout)
-            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
-            status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
-            rec.add(kind, start, "ok" if 200 <= status < 300 else "bad_status", str(status))
-            idle_since = time.monotonic()
-            if mode == "fresh" or headers.get("connection") == "close":
-                writer.close()
-                writer = None
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
-            rec.add(kind, start, classify(e), repr(e) if idle_since is None else
-                    f"{e!r} on a kept connection idle {(start - idle_since) * 1000:.0f} ms")
-            if writer is not None:
-                writer.close()
-            writer = None
-    if writer is not None:
-        writer.close()
-
-
 async def txn_client(port, rec, stop, client_id, acked, unacked, timeout=10.0, max_txns=10**6):
     """
     BEGIN / INCR bench:c<id> / SET bench:tx:<id>:<n> / COMMIT in a loop on one
@@ -659,6 +623,42 @@ async def wrk_during_upgrades(run, upgrades, connections, interval):
 
 
 # --- UDP and TLS listeners --------------------------------------------------
+
+async def https_client(port, rec, stop, mode, context, timeout=10.0, max_requests=10**6):
+    """
+    C{GET /} over TLS in a loop, recorded as C{tls-<mode>}: C{keepalive}
+    reuses a connection until the server says close, C{fresh} opens one per
+    request. A failure on a kept connection says how long it had been idle
+    (the idle keep-alive race).
+    """
+    kind = f"tls-{mode}"
+    reader = writer = None
+    idle_since = None  # when the kept connection's last response arrived
+    for _ in range(max_requests):
+        if stop.is_set():
+            break
+        start = time.monotonic()
+        try:
+            if writer is None:
+                idle_since = None
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=context), timeout)
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
+            rec.add(kind, start, "ok" if 200 <= status < 300 else "bad_status", str(status))
+            idle_since = time.monotonic()
+            if mode == "fresh" or headers.get("connection") == "close":
+                writer.close()
+                writer = None
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
+            rec.add(kind, start, classify(e), repr(e) if idle_since is None else
+                    f"{e!r} on a kept connection idle {(start - idle_since) * 1000:.0f} ms")
+            if writer is not None:
+                writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+
 
 class _Pinger(asyncio.DatagramProtocol):
     """

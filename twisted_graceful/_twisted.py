@@ -66,7 +66,7 @@ def adopt_listening_port(reactor, sock, factory):
     C{DatagramProtocol}), which starts reading at once: stopped before the
     reactor runs again, so nothing is read. No private reach is needed
     there: C{udp.Port.connectionLost} only C{close()}s its own dup, never
-    C{shutdown()}s it (docs/design.md, fact 27).
+    C{shutdown()}s it (docs/design.md, fact 28).
     """
     if sock.type == socket.SOCK_DGRAM:
         port = reactor.adoptDatagramPort(sock.fileno(), sock.family, factory,

@@ -8,8 +8,8 @@ Its socket is handed from generation to generation like the stream
 listeners (one socket, one kernel queue, shared by every process holding
 it): a new generation starts reading it before the old one stops, so a
 datagram that arrives during an upgrade waits in that queue and is read by
-one of them, never lost while the queue has room (docs/design.md, fact 28). A datagram socket has no connections, so there is
-nothing to drain.
+one of them, never lost while the queue has room (docs/design.md, fact 29).
+A datagram socket has no connections, so there is nothing to drain.
 """
 
 from twisted.internet import defer, protocol

@@ -93,7 +93,7 @@ def close_in_stages(transport, call_later, linger=LINGER_SECONDS):
     if interfaces.INegotiated.providedBy(transport):
         # TLS: a close_notify is its half-close (Twisted's TLS transport goes
         # on reading until the peer answers it); a TCP half-close under it
-        # would cut the TLS stream without one (docs/design.md, fact 30).
+        # would cut the TLS stream without one (docs/design.md, fact 31).
         transport.loseConnection()
         lower = getattr(transport, "transport", None)
         return call_later(linger, lower.loseConnection) if lower is not None else None

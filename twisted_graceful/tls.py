@@ -11,7 +11,7 @@ generation serves on with the certificate it has.
 
 The keywords are Twisted's own C{ssl:} endpoint's, turned into a context
 factory by Twisted's own parser (L{twisted_graceful._twisted.ssl_context},
-docs/design.md, fact 29);
+docs/design.md, fact 30);
 files are relative to the working directory, which every generation
 shares.
 """
