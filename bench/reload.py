@@ -666,6 +666,215 @@ async def wrk_during_upgrades(run, upgrades, connections, interval):
         await server.stop()
 
 
+# --- UDP and TLS listeners --------------------------------------------------
+
+async def https_client(port, rec, stop, mode, context, timeout=10.0, max_requests=10**6):
+    """
+    C{GET /} over TLS in a loop, recorded as C{tls-<mode>}: C{keepalive}
+    reuses a connection until the server says close, C{fresh} opens one per
+    request. A failure on a kept connection says how long it had been idle
+    (the idle keep-alive race).
+    """
+    kind = f"tls-{mode}"
+    reader = writer = None
+    idle_since = None  # when the kept connection's last response arrived
+    for _ in range(max_requests):
+        if stop.is_set():
+            break
+        start = time.monotonic()
+        try:
+            if writer is None:
+                idle_since = None
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=context), timeout)
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            status, headers, _ = await asyncio.wait_for(read_http_response(reader), timeout)
+            rec.add(kind, start, "ok" if 200 <= status < 300 else "bad_status", str(status))
+            idle_since = time.monotonic()
+            if mode == "fresh" or headers.get("connection") == "close":
+                writer.close()
+                writer = None
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Closed) as e:
+            rec.add(kind, start, classify(e), repr(e) if idle_since is None else
+                    f"{e!r} on a kept connection idle {(start - idle_since) * 1000:.0f} ms")
+            if writer is not None:
+                writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+
+
+class _Pinger(asyncio.DatagramProtocol):
+    """
+    Collects the PONGs: token -> [(pid, generation)].
+    """
+
+    PONG = re.compile(rb"^PONG (\S+) pid (\d+) generation (\d+)\n?$")
+
+    def __init__(self):
+        self.answers = {}
+        self.garbage = 0
+
+    def datagram_received(self, data, addr):
+        m = self.PONG.match(data)
+        if m is None:
+            self.garbage += 1
+        else:
+            self.answers.setdefault(m.group(1), []).append((int(m.group(2)), int(m.group(3))))
+
+
+async def udp_pinger(port, rate, stop, result, max_datagrams=10**7, grace=5.0):
+    """
+    C{PING <n>} to C{port} at C{rate} a second until C{stop}; then wait up to
+    C{grace} seconds for the last answers. Fills C{result}: sent, answered,
+    lost (never answered), answered twice, the generations that answered.
+    """
+    from tests.datagrams import udp_drops
+
+    loop = asyncio.get_running_loop()
+    transport, pinger = await loop.create_datagram_endpoint(
+        _Pinger, local_addr=("127.0.0.1", 0))
+    sock = transport.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # ours must not lose PONGs
+    except OSError:
+        pass
+    sent = 0
+    started = time.monotonic()
+    drops_before = udp_drops()
+    try:
+        while not stop.is_set() and sent < max_datagrams:
+            due = int((time.monotonic() - started) * rate)
+            while sent < due:
+                transport.sendto(b"PING %d" % sent, ("127.0.0.1", port))
+                sent += 1
+            await asyncio.sleep(0.005)  # pacing the sender
+        deadline = time.monotonic() + grace
+        while len(pinger.answers) < sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # answers in flight
+    finally:
+        transport.close()
+    tokens = {b"%d" % n for n in range(sent)}
+    result.update({
+        "sent": sent, "answered": len(tokens & set(pinger.answers)),
+        "lost": len(tokens - set(pinger.answers)),
+        "answered_twice": sum(1 for a in pinger.answers.values() if len(a) > 1),
+        "garbage": pinger.garbage,
+        "generations": len({g for a in pinger.answers.values() for _, g in a}),
+        "rate": rate,
+        # What the kernel dropped for a full receive buffer meanwhile (on
+        # this machine, whoever's socket): what explains a lost datagram.
+        "receive_buffer_drops": (udp_drops() - drops_before
+                                 if drops_before is not None else None),
+    })
+
+
+
+async def tls_certificate_name(port, context, timeout=10.0):
+    """
+    The common name of the certificate a fresh TLS connection gets.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=context), timeout)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+    return x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME)[0].value
+
+
+# The server's UDP receive buffer (--udp-port rcvbuf=): what arrives while no
+# process reads (this machine is shared and loaded) waits there.
+UDP_RCVBUF = 4 << 20
+
+
+async def wait_master_upgraded(server, master, generation, timeout=120.0):
+    """
+    Wait until the master's status entry says the upgrade to C{generation}
+    is done (every old worker stopped accepting), as C{reload} does.
+    """
+    from twisted_graceful.statusfile import read_status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = read_status(server.pidfile + ".status.json") or {}
+        entry = doc.get("processes", {}).get(str(master)) or {}
+        if entry.get("state") == "serving" and entry.get("generation") == generation:
+            return
+        await asyncio.sleep(0.02)  # a file written by another process
+    raise RuntimeError(f"master {master} never served generation {generation}:\n"
+                       + server.tail())
+
+
+async def udp_tls_during_upgrades(run, upgrades, interval, rate, tls_clients, workers=0):
+    """
+    PINGs at C{rate} a second to the UDP listener and C{tls_clients}
+    keep-alive and as many new-connection HTTPS clients, while the server
+    upgrades itself C{upgrades} times, its certificate renewed on disk before
+    each upgrade: lost datagrams, failed TLS requests, and whether each new
+    generation served the certificate renewed before it.
+    """
+    from tests.certs import client_context, write_certificate
+
+    cwd = tempfile.mkdtemp(dir=run.workdir, prefix="udp-tls-")
+    cert, key = os.path.join(cwd, "cert.pem"), os.path.join(cwd, "key.pem")
+    write_certificate(cert, key, "generation-1")
+    args = run.args(0, 0, os.path.join(cwd, "db.sqlite3"), [
+        "--udp-port", f"udp:0:interface=127.0.0.1:rcvbuf={UDP_RCVBUF}",
+        "--tls-port", "ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"])
+    args[args.index("--workers") + 1] = str(workers)
+    server = await Server(args, cwd).start()
+    context = client_context()
+    try:
+        pid, ports = await server.ports()
+        await server.wait_for(r"generation 1: serving" if not workers else
+                              r"workers generation 1 serve")
+        rec, stop, udp = Recorder(), asyncio.Event(), {}
+        load = asyncio.gather(
+            udp_pinger(ports["udp"], rate, stop, udp),
+            *[https_client(ports["https"], rec, stop, mode, context)
+              for mode in ("keepalive", "fresh") for _ in range(tls_clients)])
+        await asyncio.sleep(1.0)  # steady load before the first upgrade
+        master = server.read_pid() if workers else None
+        current, generation, done, renewed = pid, 1, 0, 0
+        for _ in range(upgrades):
+            write_certificate(cert, key, f"generation-{generation + 1}")
+            mark = len(server.lines)
+            os.kill(master or current, signal.SIGHUP)
+            if workers:
+                await wait_master_upgraded(server, master, generation + 1)
+            else:
+                _, _, m = await server.wait_for(
+                    rf"generation {generation + 1} \(pid (\d+)\) is ready after", 120, mark)
+                current = int(m.group(1))
+            generation += 1
+            done += 1
+            if await tls_certificate_name(ports["https"], context) == f"generation-{generation}":
+                renewed += 1
+            await asyncio.sleep(interval)  # the spacing between upgrades
+        stop.set()
+        await asyncio.wait_for(load, 120)
+        done_by_kind = {}
+        for kind, _, _, outcome in rec.requests:
+            if outcome == "ok":
+                done_by_kind[kind] = done_by_kind.get(kind, 0) + 1
+        failures = {}
+        for kind, _, outcome, _ in rec.failures:
+            failures[f"{kind} {outcome}"] = failures.get(f"{kind} {outcome}", 0) + 1
+        return {
+            "upgrades": done, "workers": workers, "udp": udp,
+            "tls": {"done": done_by_kind, "failed": len(rec.failures), "failures": failures,
+                    "examples": [f[3] for f in rec.failures[:3]],
+                    "new_certificate_after_upgrade": renewed},
+        }
+    finally:
+        await server.stop()
+
+
 # --- baselines -------------------------------------------------------------
 
 class _BareIdentity:
@@ -979,6 +1188,16 @@ def print_report(report, out=sys.stdout):
             w(f"\nwrk keep-alive load during {wrk['upgrades']} upgrades: {wrk['requests']} requests, "
               f"socket errors {wrk['socket_errors']}, non-2xx {wrk['non_2xx']} "
               f"({wrk['command']})\n")
+    for u in report.get("udp_tls") or []:
+        d, t = u["udp"], u["tls"]
+        w(f"\nUDP and TLS during {u['upgrades']} upgrades (--workers {u['workers']}): "
+          f"{d['sent']} PINGs at {d['rate']}/s, {d['lost']} lost (receive-buffer drops on "
+          f"the machine meanwhile: {d['receive_buffer_drops']}), {d['answered_twice']} "
+          f"answered twice, answered by {d['generations']} generations; HTTPS {t['done']}, "
+          f"{t['failed']} failed {t['failures'] or ''}; the renewed certificate served after "
+          f"{t['new_certificate_after_upgrade']} of {u['upgrades']} upgrades\n")
+        for example in t["examples"]:
+            w(f"  e.g. {example}\n")
     t = report.get("targets")
     if t:
         w("\ntargets:\n")
@@ -993,6 +1212,13 @@ def targets(report):
     if wrk and "skipped" not in wrk:
         bad = sum(wrk["socket_errors"].values()) + wrk["non_2xx"]
         out["wrk: no socket errors or non-2xx"] = (bad == 0, f"{bad} under {wrk['upgrades']} upgrades")
+    for u in report.get("udp_tls") or []:
+        d, t = u["udp"], u["tls"]
+        out[f"UDP/TLS --workers {u['workers']}: 0 lost datagrams, 0 failed TLS requests"] = (
+            d["lost"] == 0 and d["answered_twice"] == 0 and t["failed"] == 0
+            and t["new_certificate_after_upgrade"] == u["upgrades"],
+            f"{d['lost']} of {d['sent']} lost, {t['failed']} failed, new certificate after "
+            f"{t['new_certificate_after_upgrade']} of {u['upgrades']} upgrades")
     for s in report["strategies"]:
         if s["strategy"] != "handover":
             continue
@@ -1041,7 +1267,12 @@ async def main_async(opts):
         report["wrk"] = await asyncio.wait_for(
             wrk_during_upgrades(run, opts.wrk_upgrades, opts.connections, opts.interval),
             max(1, deadline - time.monotonic()))
-    for strategy in opts.strategies.split(","):
+    if opts.udp_tls_upgrades:
+        report["udp_tls"] = [await asyncio.wait_for(
+            udp_tls_during_upgrades(run, opts.udp_tls_upgrades, opts.interval, opts.udp_rate,
+                                    opts.tls_clients, workers),
+            max(1, deadline - time.monotonic())) for workers in opts.udp_tls_workers]
+    for strategy in filter(None, opts.strategies.split(",")):  # --strategies= : none
         upgrades = opts.upgrades if strategy == "handover" else opts.compare_upgrades
         result = await asyncio.wait_for(
             getattr(run, strategy.replace("-", ""))(modes, upgrades),
@@ -1074,6 +1305,14 @@ def parse_args(argv=None):
                         "bare vs graceful (0: skip; needs valgrind)")
     p.add_argument("--wrk-upgrades", type=int, default=20,
                    help="upgrades under wrk keep-alive load (0: skip; needs wrk)")
+    p.add_argument("--udp-tls-upgrades", type=int, default=20,
+                   help="upgrades under UDP PING and HTTPS load, the certificate renewed "
+                        "before each (0: skip)")
+    p.add_argument("--udp-rate", type=int, default=1000, help="PINGs per second")
+    p.add_argument("--tls-clients", type=int, default=2,
+                   help="HTTPS clients per mode (keep-alive, new connections)")
+    p.add_argument("--udp-tls-workers", type=lambda t: [int(w) for w in t.split(",")],
+                   default=[0, 2], help="--workers of the UDP/TLS runs (0: no master)")
     p.add_argument("--max-seconds", type=float, default=1800, help="bound on the whole run")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--smoke", action="store_true",
@@ -1082,6 +1321,7 @@ def parse_args(argv=None):
     if opts.smoke:
         opts.upgrades, opts.interval, opts.warmup, opts.clients = 3, 0.3, 0.3, 2
         opts.strategies, opts.no_baseline, opts.wrk_upgrades = "handover", True, 0
+        opts.udp_tls_upgrades = 0
         opts.max_seconds = min(opts.max_seconds, 240)
     return opts
 
@@ -1105,7 +1345,8 @@ def main(argv=None):
     # Correctness decides the exit status; the performance targets are
     # reported (a noisy shared machine can miss them without a regression).
     correctness = [v for k, v in report["targets"].items()
-                   if k in ("no failures", "wrk: no socket errors or non-2xx")]
+                   if k in ("no failures", "wrk: no socket errors or non-2xx")
+                   or k.startswith("UDP/TLS")]
     return 0 if correctness and all(ok for ok, _ in correctness) else 1
 
 

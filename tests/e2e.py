@@ -562,16 +562,19 @@ def http_get(port, path="/", timeout=10.0, host="127.0.0.1", method="GET", body=
         conn.close()
 
 
-def wait_tcp_listening(port, pid, output=lambda: "", timeout=DEFAULT_TIMEOUT):
+def wait_tcp_listening(port, pid, output=lambda: "", timeout=DEFAULT_TIMEOUT, udp=False):
     """
     Wait until C{pid} holds a TCP socket listening on C{port} (read in
     C{/proc/<pid>/net/tcp} and C{tcp6}; connecting to find out could be what
-    the test is about, as with socket activation).
+    the test is about, as with socket activation); with C{udp}, a UDP socket
+    bound to it (C{udp}, C{udp6}: socket activation of a datagram socket
+    starts the server on the first datagram).
     """
     deadline = time.monotonic() + timeout
+    tables = ("udp", "udp6") if udp else ("tcp", "tcp6")
     while True:
         listening = set()  # inodes of the sockets listening on the port
-        for table in ("tcp", "tcp6"):
+        for table in tables:
             try:
                 with open(f"/proc/{pid}/net/{table}") as f:
                     rows = f.read().splitlines()[1:]
@@ -579,7 +582,7 @@ def wait_tcp_listening(port, pid, output=lambda: "", timeout=DEFAULT_TIMEOUT):
                 rows = []
             for row in rows:
                 fields = row.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                if (udp or fields[3] == "0A") and int(fields[1].rsplit(":", 1)[1], 16) == port:
                     listening.add(f"socket:[{fields[9]}]")
         if listening:
             try:

@@ -25,6 +25,12 @@ else (docs/design.md, "What the code relies on").
     A master that re-executed itself keeps its workers as children, but its
     new reactor never spawned them: without a registered handler, Twisted's
     SIGCHLD handling would neither reap them nor tell us they exited.
+  - L{ssl_context}: C{twisted.internet.endpoints._parseSSL}, the parser of
+    Twisted's C{ssl:} endpoint keywords (C{privateKey}, C{certKey},
+    C{extraCertChain}, C{dhParameters}, C{sslmethod}). The public
+    C{serverFromString} would give an endpoint that binds and listens
+    itself (and shuts the socket down on stop, fact 1); we need only the
+    context factory, for a socket we adopt.
   - L{GenericHTTPChannelProtocol}: C{twisted.web.http._GenericHTTPChannelProtocol},
     the wrapper C{Site.buildProtocol} puts around every C{HTTPChannel}.
   - C{twisted_graceful.http.DrainableHTTPChannel}'s request limits (414, 431,
@@ -60,7 +66,19 @@ def adopt_listening_port(reactor, sock, factory):
 
     Adopted TCP ports already skip C{shutdown()} on close; C{unix.Port}
     ignores adoption, shuts down and unlinks its path: both are switched off.
+
+    A datagram socket goes to C{adoptDatagramPort} (C{factory} is then a
+    C{DatagramProtocol}), which starts reading at once: stopped before the
+    reactor runs again, so nothing is read. No private reach is needed
+    there: C{udp.Port.connectionLost} only C{close()}s its own dup, never
+    C{shutdown()}s it (docs/design.md, fact 28).
     """
+    if sock.type == socket.SOCK_DGRAM:
+        port = reactor.adoptDatagramPort(sock.fileno(), sock.family, factory,
+                                         maxPacketSize=DATAGRAM_MAX_SIZE)
+        port.stopReading()
+        sock.close()
+        return port
     port = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
     port.stopReading()
     sock.close()
@@ -69,6 +87,11 @@ def adopt_listening_port(reactor, sock, factory):
         # tcp.Port.connectionLost closes without unlinking the path.
         port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
     return port
+
+
+# The largest datagram read whole (Twisted's default is 8192): a syslog
+# message may be longer; what is beyond is cut by recvfrom.
+DATAGRAM_MAX_SIZE = 65535
 
 
 # Measured with 2 workers on 2 cores (docs/benchmarks.md): 1 balances
@@ -252,3 +275,17 @@ def watch_adopted_child(pid, exited):
             process.unregisterReapProcessHandler(pid, reaper)
 
     return stop
+
+
+def ssl_context(keywords):
+    """
+    The C{CertificateOptions} Twisted's C{ssl:} endpoint would build from
+    C{keywords} (its own parser: the same defaults and the same meaning).
+    Imported here, not at module level: importing
+    C{twisted.internet.endpoints} consumes systemd's variables (fact 7),
+    which are read before any listener is built.
+    """
+    from twisted.internet import endpoints
+
+    (_port, _factory, context_factory), _ = endpoints._parseSSL(None, "0", **keywords)
+    return context_factory

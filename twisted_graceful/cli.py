@@ -241,6 +241,9 @@ def status(pidfile, out=None, as_json=False, alive=pid_alive):
     lines = [line, describe_upgrade(entry.get("last_upgrade"))]
     if not entry.get("last_upgrade") and entry.get("parent_pid"):
         lines[1] = f"took over from pid {entry['parent_pid']}; no upgrade since"
+    for name, cert in (entry.get("certificates") or {}).items():
+        lines.append(f"{name} certificate: {cert.get('subject')}, expires {cert.get('not_after')}, "
+                     f"sha256 {str(cert.get('sha256'))[:16]}... ({cert.get('certificate')})")
     took_back = entry.get("took_back_from")
     if took_back:
         lines.append(f"took the listeners back at {_when(took_back.get('at'))} from pid "

@@ -11,7 +11,7 @@ to close at its own transaction boundary.
 import socket
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, interfaces
 from twisted.logger import Logger
 
 LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
@@ -90,6 +90,13 @@ def close_in_stages(transport, call_later, linger=LINGER_SECONDS):
     @return: the delayed call that closes for good, or L{None} if the
         transport closed at once (it cannot half-close).
     """
+    if interfaces.INegotiated.providedBy(transport):
+        # TLS: a close_notify is its half-close (Twisted's TLS transport goes
+        # on reading until the peer answers it); a TCP half-close under it
+        # would cut the TLS stream without one (docs/design.md, fact 31).
+        transport.loseConnection()
+        lower = getattr(transport, "transport", None)
+        return call_later(linger, lower.loseConnection) if lower is not None else None
     sock = getattr(transport, "socket", None)
     if (sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM
             and hasattr(transport, "loseWriteConnection")):

@@ -20,6 +20,7 @@ so that the child finds each listener by name, not by position.
 
 import os
 import re
+import socket
 import stat
 
 from twisted_graceful.listeners import (
@@ -266,7 +267,8 @@ def inherit_listeners(environ, wanted, variable=LISTENERS_ENV):
     """
     Take over the listeners named in C{environ}.
 
-    @param wanted: listener name -> expected address family (or L{None}).
+    @param wanted: listener name -> expected address family (or L{None}), or
+        (family, socket type) for a listener that is not a stream socket.
     @return: listener name -> socket (each a dup; the inherited fds are closed).
     @raise HandoffError: naming the variable, for anything missing or malformed.
     """
@@ -289,7 +291,10 @@ def inherit_listeners(environ, wanted, variable=LISTENERS_ENV):
     try:
         for name, fd in mapping.items():
             try:
-                sockets[name] = check_listening_socket(fd, wanted[name])
+                expected = wanted[name]
+                family, socktype = (expected if isinstance(expected, tuple)
+                                    else (expected, socket.SOCK_STREAM))
+                sockets[name] = check_listening_socket(fd, family, socktype)
             except ListenerError as e:
                 raise HandoffError(f"{variable}: listener {name!r}: {e}")
     except BaseException:

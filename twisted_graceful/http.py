@@ -13,7 +13,7 @@ draining generation until the deadline.
 
 import socket
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.web import http, server
 
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
@@ -38,6 +38,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
     _head_timer = None
     _head_started = False  # bytes of a request's head have arrived
     _head_lines = 0  # lines of the current head received
+    _heads = 0  # complete request heads received on this connection
 
     def connectionMade(self):
         super().connectionMade()
@@ -122,6 +123,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
 
     def allHeadersReceived(self):
         self._stop_head_timer()
+        self._heads += 1
         self._head_lines = 0
         self._head_started = False
         limit = getattr(self.site, "max_body", None)
@@ -200,6 +202,14 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         self._idle_close = None
         if self.in_transaction():
             return
+        if not self._heads and interfaces.INegotiated.providedBy(self.transport):
+            # A new TLS connection, its first request not read yet: its
+            # handshake takes round trips (and CPU on a loaded machine), and
+            # closing it now would reset it (a TLS close before the handshake
+            # is an abort). The head timer closes it at --header-timeout if
+            # no request comes; one that comes is answered with
+            # Connection: close.
+            return
         if self._head_started:
             # Part of a request arrived but not all of its head: it has not
             # started; tell the client it can send it again (elsewhere).
@@ -262,14 +272,18 @@ class GracefulSite(server.Site):
     """
 
     def __init__(self, resource, drain_tracker=None, max_body=DEFAULT_MAX_BODY,
-                 header_timeout=DEFAULT_HEADER_TIMEOUT, **kwargs):
+                 header_timeout=DEFAULT_HEADER_TIMEOUT, protocol_name="http", **kwargs):
         server.Site.__init__(self, resource, **kwargs)
         self.drain_tracker = drain_tracker
         self.max_body = max_body
         self.header_timeout = header_timeout
+        self.protocol_name = protocol_name  # how the drain and the metrics name its connections
 
     def protocol(self):
-        return GenericHTTPChannelProtocol(DrainableHTTPChannel())
+        channel = DrainableHTTPChannel()
+        if self.protocol_name != channel.protocol_name:
+            channel.protocol_name = self.protocol_name
+        return GenericHTTPChannelProtocol(channel)
 
 
 class _SelfTestClient(protocol.Protocol):

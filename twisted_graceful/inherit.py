@@ -47,7 +47,7 @@ class Inheritance:
         if handoff.is_master_reexec(environ):
             return cls._master_reexec(specs, environ)
         if handoff.is_handoff(environ):
-            wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
+            wanted = OrderedDict((name, spec.expects) for name, spec in specs.items())
             role = handoff.inherit_role(environ)
             generation = handoff.inherit_generation(environ, role)
             timeout = handoff.inherit_ready_timeout(environ)
@@ -114,7 +114,7 @@ class Inheritance:
         A master that re-executed itself (SIGUSR2) keeps its sockets and its
         workers.
         """
-        wanted = OrderedDict((name, spec.family) for name, spec in specs.items())
+        wanted = OrderedDict((name, spec.expects) for name, spec in specs.items())
         sockets = handoff.inherit_master_listeners(environ, wanted)
         try:
             workers = handoff.inherit_master_workers(environ)

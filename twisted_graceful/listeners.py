@@ -4,7 +4,13 @@ Listening sockets that survive a generation change.
 Every generation owns a raw listening socket (bound here, inherited from the
 previous generation, or passed by systemd) and serves it through
 C{reactor.adoptStreamPort}: a C{listenTCP} port would C{shutdown(2)} the shared
-socket for every process when it stops (docs/design.md, fact 1).
+socket for every process when it stops (docs/design.md, fact 1). A datagram
+(UDP) socket is bound the same way and served through
+C{reactor.adoptDatagramPort}; a TLS listener is a TCP socket like any other,
+which each generation wraps with the certificate it loaded when it started.
+
+Each option takes the kinds that make sense for it (L{STREAM}, L{DATAGRAM},
+L{TLS}): C{--udp-port tcp:514} is an error that says to use C{udp:}.
 """
 
 import errno
@@ -22,6 +28,28 @@ class ListenerError(Exception):
     """
 
 
+# What an option listens for: a stream socket (tcp:, tcp6:, unix:), a
+# datagram socket (udp:) or a TCP socket serving TLS (ssl:); each also takes
+# systemd:NAME, a socket of that type passed by systemd.
+STREAM = "stream"
+DATAGRAM = "datagram"
+TLS = "tls"
+_ROLE_KINDS = {
+    STREAM: ("tcp", "tcp6", "unix", "systemd"),
+    DATAGRAM: ("udp", "systemd"),
+    TLS: ("ssl", "systemd"),
+}
+_ROLE_FORMS = {
+    STREAM: "a port number, tcp:PORT, tcp6:PORT, unix:PATH or systemd:NAME",
+    DATAGRAM: "a port number, udp:PORT[:interface=ADDR][:rcvbuf=BYTES] or systemd:NAME",
+    TLS: ("a port number, ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem[:interface=ADDR] or "
+          "systemd:NAME:privateKey=KEY.pem:certKey=CERT.pem"),
+}
+_ROLE_OPTIONS = {STREAM: "--port", DATAGRAM: "--udp-port", TLS: "--tls-port"}
+# Twisted's ssl: endpoint keywords (twisted.internet.endpoints, _parseSSL).
+TLS_KEYWORDS = ("privateKey", "certKey", "sslmethod", "extraCertChain", "dhParameters")
+
+
 @dataclass(frozen=True)
 class ListenSpec:
     """
@@ -31,7 +59,7 @@ class ListenSpec:
     """
 
     description: str
-    kind: str  # "tcp", "tcp6", "unix" or "systemd"
+    kind: str  # "tcp", "tcp6", "unix", "udp", "ssl" or "systemd"
     host: str = ""
     port: int = 0
     path: str = ""
@@ -39,19 +67,35 @@ class ListenSpec:
     mode: int = 0o666
     name: str = ""  # systemd: the socket's FileDescriptorName
     index: int = -1  # systemd: position when unnamed
+    role: str = STREAM  # STREAM, DATAGRAM or TLS
+    tls: tuple = ()  # TLS: Twisted's ssl: keywords, (name, value) pairs
+    rcvbuf: int = 0  # DATAGRAM: SO_RCVBUF in bytes (0: the system's default)
 
     @property
     def family(self):
-        if self.kind == "tcp":
+        if self.kind in ("tcp", "ssl"):
             return socket.AF_INET
         if self.kind == "tcp6":
             return socket.AF_INET6
         if self.kind == "unix":
             return socket.AF_UNIX
+        if self.kind == "udp":
+            return socket.AF_INET6 if ":" in self.host else socket.AF_INET
         return None
 
+    @property
+    def socktype(self):
+        return socket.SOCK_DGRAM if self.role == DATAGRAM else socket.SOCK_STREAM
 
-_KINDS = ("tcp", "tcp6", "unix", "systemd")
+    @property
+    def expects(self):
+        """
+        What an inherited or passed socket must be: (family or L{None}, type).
+        """
+        return (self.family, self.socktype)
+
+
+_KINDS = ("tcp", "tcp6", "unix", "systemd", "udp", "ssl")
 
 
 def _split_description(description):
@@ -72,22 +116,27 @@ def _split_description(description):
     return parts
 
 
-def parse_listen_description(description, option="--port"):
+def parse_listen_description(description, option="--port", role=STREAM):
     """
     Parse C{description} into a L{ListenSpec}; raise L{ListenerError} naming
     C{option} for anything that is not a listener we can own.
+
+    @param role: L{STREAM} (the default), L{DATAGRAM} or L{TLS}: which kinds
+        of socket C{option} takes.
     """
     text = str(description).strip()
     if not text:
         raise ListenerError(f"{option}: empty listener description")
     if text.isdigit():
-        text = "tcp:" + text
+        text = {STREAM: "tcp:", DATAGRAM: "udp:", TLS: "ssl:"}[role] + text
     parts = _split_description(text)
     kind = parts[0].lower()
-    if kind not in _KINDS:
+    if kind not in _ROLE_KINDS[role]:
+        other = [r for r, kinds in _ROLE_KINDS.items() if kind in kinds and r != role]
+        hint = f" ({_ROLE_OPTIONS[other[0]]} takes {kind}:)" if other else ""
         raise ListenerError(
-            f"{option} {description!r}: unsupported listener type {parts[0]!r}; "
-            f"use a port number, tcp:PORT, tcp6:PORT, unix:PATH or systemd:NAME"
+            f"{option} {description!r}: unsupported listener type {parts[0]!r}{hint}; "
+            f"use {_ROLE_FORMS[role]}"
         )
     positional = [p for p in parts[1:] if "=" not in p]
     if len(positional) > 1:
@@ -108,21 +157,45 @@ def parse_listen_description(description, option="--port"):
             raise ValueError(backlog)
     except ValueError:
         raise ListenerError(f"{option} {description!r}: backlog must be a positive integer")
+    tls = ()
+    if role == TLS:
+        tls = tuple((key, keywords.pop(key)) for key in TLS_KEYWORDS if key in keywords)
+    rcvbuf = 0
+    if role == DATAGRAM and "rcvbuf" in keywords:
+        # The one queue every generation reads: what arrives while none reads
+        # (a loaded machine, an upgrade) waits there; beyond it, the kernel drops.
+        text = keywords.pop("rcvbuf")
+        try:
+            rcvbuf = int(text)
+            if not 0 < rcvbuf < 2**31:
+                raise ValueError(rcvbuf)
+        except ValueError:
+            raise ListenerError(f"{option} {description!r}: rcvbuf must be a number of bytes, "
+                                f"not {text!r}")
+
+    if kind == "udp":
+        port, host = _port_and_host(option, description, keywords, positional, "0.0.0.0")
+        _reject_unknown(option, description, keywords)
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             host.partition("%")[0])
+        except OSError:
+            raise ListenerError(f"{option} {description!r}: {host!r} is not an IPv4 or IPv6 "
+                                f"address")
+        return ListenSpec(text, kind, host=host, port=port, role=role, rcvbuf=rcvbuf)
+
+    if kind == "ssl":
+        port, host = _port_and_host(option, description, keywords, positional, "0.0.0.0")
+        _reject_unknown(option, description, keywords)
+        try:
+            socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            raise ListenerError(f"{option} {description!r}: {host!r} is not an IPv4 address")
+        return ListenSpec(text, kind, host=host, port=port, backlog=backlog, role=role, tls=tls)
 
     if kind in ("tcp", "tcp6"):
-        port_text = keywords.pop("port", positional[0] if positional else "")
-        try:
-            port = int(port_text)
-            if not 0 <= port <= 65535:
-                raise ValueError(port)
-        except ValueError:
-            raise ListenerError(
-                f"{option} {description!r}: port must be a number from 0 to 65535, "
-                f"not {port_text!r}"
-            )
-        host = keywords.pop("interface", "")
-        if not host:
-            host = "::" if kind == "tcp6" else "0.0.0.0"
+        port, host = _port_and_host(option, description, keywords, positional,
+                                    "::" if kind == "tcp6" else "0.0.0.0")
         _reject_unknown(option, description, keywords)
         if kind == "tcp6":
             # A tcp6 listener on an IPv4-looking or named interface is a mistake
@@ -166,7 +239,22 @@ def parse_listen_description(description, option="--port"):
             raise ListenerError(f"{option} {description!r}: index must be a number >= 0")
     if not name and index < 0:
         raise ListenerError(f"{option} {description!r}: systemd: needs a socket name or index=N")
-    return ListenSpec(text, "systemd", name=name, index=index, backlog=backlog)
+    return ListenSpec(text, "systemd", name=name, index=index, backlog=backlog, role=role,
+                      tls=tls, rcvbuf=rcvbuf)
+
+
+def _port_and_host(option, description, keywords, positional, default_host):
+    port_text = keywords.pop("port", positional[0] if positional else "")
+    try:
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        raise ListenerError(
+            f"{option} {description!r}: port must be a number from 0 to 65535, "
+            f"not {port_text!r}"
+        )
+    return port, keywords.pop("interface", "") or default_host
 
 
 def _reject_unknown(option, description, keywords):
@@ -181,7 +269,7 @@ def bind_listener(spec, option="--port", reuse_port=False):
     Bind and listen on a fresh non-blocking socket for C{spec}.
     """
     family = spec.family
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, spec.socktype)
     try:
         if family == socket.AF_UNIX:
             _remove_stale_unix_socket(spec, option)
@@ -194,7 +282,11 @@ def bind_listener(spec, option="--port", reuse_port=False):
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((spec.host, spec.port))
-        sock.listen(spec.backlog)
+        set_receive_buffer(sock, spec)
+        if spec.socktype == socket.SOCK_STREAM:
+            sock.listen(spec.backlog)
+        # A datagram socket needs no listen(): bound, it receives; every
+        # generation reading it reads the one queue.
         sock.setblocking(False)
     except OSError as e:
         sock.close()
@@ -205,6 +297,16 @@ def bind_listener(spec, option="--port", reuse_port=False):
                       "choose another address)")
         raise ListenerError(f"{option} {spec.description}: cannot listen on {where}: {reason}")
     return sock
+
+
+def set_receive_buffer(sock, spec):
+    """
+    Give a datagram socket the receive buffer C{spec} asks for (C{rcvbuf=};
+    the kernel caps it at C{net.core.rmem_max}). It is the socket's, so every
+    process holding it shares it: set once, by the first generation.
+    """
+    if spec.rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, spec.rcvbuf)
 
 
 def _remove_stale_unix_socket(spec, option):
@@ -256,10 +358,11 @@ def shorten(text, limit=60):
     return show(text[:limit]) + f"... ({len(text)} characters)"
 
 
-def check_listening_socket(fd, family=None):
+def check_listening_socket(fd, family=None, socktype=socket.SOCK_STREAM):
     """
     Return a socket object (a dup of C{fd}) if C{fd} is a listening stream
-    socket (of C{family}, when given); else raise L{ListenerError}.
+    socket, or with C{socktype} C{SOCK_DGRAM} a bound datagram socket (of
+    C{family}, when given); else raise L{ListenerError}.
     The caller's descriptor is left open.
     """
     try:
@@ -270,9 +373,14 @@ def check_listening_socket(fd, family=None):
         raise ListenerError(f"fd {fd} is not a socket")
     sock = socket.socket(fileno=os.dup(fd))
     try:
-        if sock.type != socket.SOCK_STREAM:
+        if socktype == socket.SOCK_DGRAM:
+            _check_datagram(fd, sock)
+        elif sock.type == socket.SOCK_DGRAM:
+            raise ListenerError(f"fd {fd} is a datagram (UDP) socket, not a stream socket "
+                                f"(datagram sockets go to --udp-port)")
+        elif sock.type != socket.SOCK_STREAM:
             raise ListenerError(f"fd {fd} is not a stream socket")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise ListenerError(f"fd {fd} is a socket that is not listening")
         if family is not None and sock.family != family:
             raise ListenerError(
@@ -283,6 +391,19 @@ def check_listening_socket(fd, family=None):
         sock.close()
         raise
     return sock
+
+
+def _check_datagram(fd, sock):
+    if sock.type == socket.SOCK_STREAM:
+        raise ListenerError(f"fd {fd} is a stream socket, not a datagram (UDP) socket "
+                            f"(stream sockets go to --port, --txn-port, --tls-port)")
+    if sock.type != socket.SOCK_DGRAM:
+        raise ListenerError(f"fd {fd} is not a datagram socket")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ListenerError(f"fd {fd} is a {_family_name(sock.family)} datagram socket, "
+                            f"expected UDP (IPv4 or IPv6)")
+    if sock.getsockname()[1] == 0:
+        raise ListenerError(f"fd {fd} is a datagram socket that is not bound to a port")
 
 
 def _family_name(family):
@@ -298,6 +419,9 @@ def describe_socket(sock):
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return f"unix:{name}"
+    if sock.type == socket.SOCK_DGRAM:
+        host = f"[{name[0]}]" if sock.family == socket.AF_INET6 else name[0]
+        return f"udp:{host}:{name[1]}"
     if sock.family == socket.AF_INET6:
         return f"tcp6:[{name[0]}]:{name[1]}"
     return f"tcp:{name[0]}:{name[1]}"

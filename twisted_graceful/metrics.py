@@ -101,6 +101,11 @@ HELP_SHARED_DRAIN = ("Drains of workers: from the moment a worker stopped accept
 HELP_SHARED_GENERATION = ("Generation of the workers that serve (1: the first set; each "
                           "successful upgrade adds 1)")
 HELP_SHARED_STATE = "1 for the state the master is in"
+HELP_DATAGRAMS = ("Datagrams read on the UDP listener by result: pong (a PING answered), log "
+                  "(any other datagram), refused (a malformed PING, or its answer could not "
+                  "be sent)")
+HELP_CERT_EXPIRY = ("When the certificate a TLS listener serves to new connections expires "
+                    "(Unix time; loaded by each generation when it starts)")
 HELP_RESTARTS = ("Workers that exited unexpectedly (serving, or starting in place of one that "
                  "did) and were replaced")
 
@@ -258,6 +263,40 @@ class GracefulMetrics:
 
         factory.transaction_observer = observe
         return factory
+
+    def observe_datagrams(self, ping_protocol, protocol="udp"):
+        """
+        Count the datagrams a L{twisted_graceful.datagram.PingProtocol} reads,
+        by result.
+        """
+        from twisted_graceful.datagram import RESULTS
+
+        registry = None if self.shared_dir is not None else self.registry
+        datagrams = Counter("graceful_datagrams", HELP_DATAGRAMS, ["protocol", "result"],
+                            registry=registry)
+        children = {result: datagrams.labels(protocol, result) for result in RESULTS}
+        ping_protocol.observer = lambda result: children[result].inc()
+        return ping_protocol
+
+    def observe_certificates(self):
+        """
+        The expiry of each TLS listener's certificate, as this process serves
+        it (under a master, the worker that started last: the newest set).
+        """
+        certificates = {name: l.certificate for name, l in self.graceful.listeners.items()
+                        if getattr(l.spec, "role", None) == "tls"}
+        if not certificates:
+            return
+        registry = None if self.shared_dir is not None else self.registry
+        expiry = Gauge("graceful_tls_certificate_expiry_timestamp_seconds", HELP_CERT_EXPIRY,
+                       ["listener"], registry=registry, multiprocess_mode="mostrecent")
+
+        def write():
+            for name, listener in self.graceful.listeners.items():
+                if listener.certificate is not None:
+                    expiry.labels(name).set(listener.certificate.not_after)
+
+        self._when_serving(write)
 
     def _when_serving(self, start):
         if self.graceful.state == STARTING:
@@ -697,12 +736,16 @@ def install_master(master):
 
 
 def install(graceful, description, option="--metrics-port", http_site=None, txn_factory=None,
-            status_file=True, registry=None, shared_dir=None):
+            status_file=True, registry=None, shared_dir=None, https_site=None,
+            datagram_protocol=None):
     """
     Everything at once: metrics and C{/status} on a listener named
     C{metrics}, and the status file. Returns the L{GracefulMetrics}.
 
     @param shared_dir: see L{GracefulMetrics}.
+    @param https_site: the site of a TLS listener (requests counted as
+        C{protocol="https"}; its certificate's expiry is a gauge).
+    @param datagram_protocol: the UDP listener's L{PingProtocol}.
     """
     status = ProcessStatus(graceful)
     if status_file:
@@ -712,6 +755,11 @@ def install(graceful, description, option="--metrics-port", http_site=None, txn_
         metrics.observe_http_site(http_site)
     if txn_factory is not None:
         metrics.observe_txn_factory(txn_factory)
+    if https_site is not None:
+        metrics.observe_http_site(https_site, protocol="https")
+        metrics.observe_certificates()
+    if datagram_protocol is not None:
+        metrics.observe_datagrams(datagram_protocol)
     graceful.add_listener("metrics", description, metrics.site(), option=option)
     return metrics
 

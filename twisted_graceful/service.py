@@ -45,7 +45,9 @@ from twisted_graceful.lifecycle import (
     Lifecycle,
     stop_reactor,
 )
-from twisted_graceful.listeners import describe_socket, parse_listen_description
+from twisted_graceful.listeners import (
+    STREAM, TLS, describe_socket, parse_listen_description)
+from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 
 # Readiness checks are retried after 0.1 s, 0.2 s, ... up to 2 s apart.
@@ -60,18 +62,32 @@ class Listener:
     One named listener: what to serve, where, and the port serving it.
     """
 
-    def __init__(self, name, spec, factory, option):
+    def __init__(self, name, spec, factory, option, certificate=None):
         self.name = name
         self.spec = spec
-        self.factory = factory
+        self.factory = factory  # for TLS, the plain factory: wrapped when adopted
         self.option = option
+        self.certificate = certificate  # TLS: the LoadedCertificate this generation serves
         self.port = None
 
     def describe(self):
         try:
-            return describe_socket(self.port.socket)
+            where = describe_socket(self.port.socket)
         except (AttributeError, OSError):
             return self.spec.description
+        if self.spec.role == TLS:
+            where = "ssl:" + where.partition(":")[2]
+        return where
+
+    def served_factory(self):
+        """
+        What the port serves: the factory, over TLS for a TLS listener.
+        """
+        if self.spec.role == TLS:
+            if self.certificate is None:
+                self.certificate = load_certificate(self.spec, self.option)
+            return tls_factory(self.certificate, self.factory)
+        return self.factory
 
 
 class ListeningPorts:
@@ -197,17 +213,33 @@ class GracefulService(service.MultiService):
         return (self.lifecycle.state in (DRAINING, SHUTTING_DOWN, EXITED)
                 or self._delaying_shutdown is not None)
 
-    def add_listener(self, name, description, factory, option=None):
+    def add_listener(self, name, description, factory, option=None, role=STREAM,
+                     certificate=None):
         """
         Serve C{factory} on C{description} (a port number or endpoint-style
         string), handed to every later generation under C{name}.
+
+        @param role: L{STREAM}; L{DATAGRAM} (C{udp:}; C{factory} is a
+            C{DatagramProtocol}); or L{TLS} (C{ssl:}, Twisted's keywords;
+            C{factory} is served over TLS with the certificate loaded when
+            this generation starts, or C{certificate}, a
+            L{twisted_graceful.tls.LoadedCertificate}).
         """
         option = option or f"listener {name!r}"
         if name in self.listeners:
             raise ValueError(f"listener {name!r} is added twice")
-        spec = parse_listen_description(description, option)
-        self.listeners[name] = Listener(name, spec, factory, option)
+        spec = parse_listen_description(description, option, role)
+        self.listeners[name] = Listener(name, spec, factory, option, certificate)
         return spec
+
+    @property
+    def certificates(self):
+        """
+        listener name -> what its certificate is, for every TLS listener
+        whose certificate is loaded.
+        """
+        return {name: l.certificate.as_dict() for name, l in self.listeners.items()
+                if l.certificate is not None}
 
     def add_observer(self, observer):
         """
@@ -308,11 +340,15 @@ class GracefulService(service.MultiService):
         service.MultiService.startService(self)
         protect_twistd_pidfile()
         self._install_sighup()
+        try:
+            factories = {name: l.served_factory() for name, l in self.listeners.items()}
+        except CertificateError as e:
+            self._give_up(EXIT_NOT_READY, f"{e}; not starting")
         for listener in self.listeners.values():
             # Not accepting yet: the previous generation serves this queue
             # alone until we know we can serve it too.
             listener.port = adopt_listening_port(
-                self.reactor, inh.sockets[listener.name], listener.factory)
+                self.reactor, inh.sockets[listener.name], factories[listener.name])
             if self.is_worker and self._sibling_workers():
                 # Workers share each listening socket: share its connections.
                 share_accepts(listener.port)

@@ -190,6 +190,8 @@ class ProcessStatus:
             "parent_pid": self.parent_pid,
             "pidfile": self.graceful.pidfile,
             "listeners": dict(self.listeners),
+            # TLS listeners: the certificate this process serves (loaded at its start).
+            "certificates": dict(getattr(self.graceful, "certificates", None) or {}),
             "child": None if self.child is None else dict(self.child),
             "scheduled_upgrade": self.scheduled_upgrade,
             "upgrade_requests": self.upgrade_requests,

@@ -25,7 +25,7 @@ import sys
 from collections import OrderedDict
 
 from twisted_graceful.listeners import (
-    ListenerError, check_listening_socket, fd_limit, shorten)
+    ListenerError, check_listening_socket, fd_limit, set_receive_buffer, shorten)
 
 LISTEN_PID = "LISTEN_PID"
 LISTEN_FDS = "LISTEN_FDS"
@@ -288,13 +288,14 @@ def adopt(specs, environ=None, options=None, pid=None, start=SD_LISTEN_FDS_START
     try:
         for name, info in chosen.items():
             try:
-                sock = check_listening_socket(info.fd)
+                sock = check_listening_socket(info.fd, socktype=specs[name].socktype)
             except ListenerError as e:
                 raise SystemdError(
                     f"{options.get(name, '--port')} {specs[name].description}: {PREFIX}: "
                     f"{info.describe()}: {e}"
                 )
             sockets[name] = sock
+            set_receive_buffer(sock, specs[name])  # or ReceiveBuffer= in the .socket unit
             # systemd passes blocking sockets unless NonBlocking=yes; the flag is
             # on the shared open file description (docs/design.md, fact 2): setting it is
             # what every later generation needs too.

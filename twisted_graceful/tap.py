@@ -12,7 +12,10 @@ from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
 from twisted_graceful.http import GracefulSite, self_test_request
 from twisted_graceful import logs, metrics
-from twisted_graceful.listeners import ListenerError, parse_listen_description
+from twisted_graceful.datagram import PingProtocol, self_test_ping
+from twisted_graceful.listeners import (
+    DATAGRAM, STREAM, TLS, ListenerError, parse_listen_description)
+from twisted_graceful.tls import load_certificate
 from twisted_graceful.notify import install_sd_notify
 from twisted_graceful.handoff import WORKER, HandoffError
 from twisted_graceful.inherit import Inheritance
@@ -107,6 +110,10 @@ class Options(usage.Options):
          "is closed (0: never)", _positive("idle-timeout", allow_zero=True)],
         ["metrics-port", None, "tcp:9090:interface=127.0.0.1", "Prometheus /metrics and JSON "
          "/status listener (same forms as --port)"],
+        ["udp-port", None, "", "UDP listener (off by default): udp:PORT[:interface=ADDR]"
+         "[:rcvbuf=BYTES] or systemd:NAME; answers PING <token>"],
+        ["tls-port", None, "", "HTTPS listener (off by default): "
+         "ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem[:interface=ADDR]"],
         ["workers", "w", "1", "Worker processes: N (>= 1) under a master that owns the ports "
          "and never leaves, auto (one per CPU), or 0 (no master: the process replaces itself "
          "on each upgrade)"],
@@ -137,7 +144,16 @@ class Options(usage.Options):
         listener name -> (option, description).
         """
         return {"http": ("--port", self["port"]), "txn": ("--txn-port", self["txn-port"]),
-                "metrics": ("--metrics-port", self["metrics-port"])}
+                "metrics": ("--metrics-port", self["metrics-port"]),
+                **self.optional_listeners()}
+
+    def optional_listeners(self):
+        """
+        The listeners that are off unless asked for: name -> (option,
+        description).
+        """
+        return {name: (option, self[option[2:]]) for name, (option, _) in OPTIONAL.items()
+                if str(self[option[2:]] or "").strip()}
 
     def postOptions(self):
         if is_postgres(self["db"]):
@@ -177,22 +193,42 @@ class Options(usage.Options):
         specs, options = {}, {}
         try:
             for name, (option, description) in self.listener_options().items():
-                specs[name] = parse_listen_description(description, option)
+                role = OPTIONAL.get(name, (option, STREAM))[1]
+                specs[name] = parse_listen_description(description, option, role)
                 options[name] = option
         except ListenerError as e:
             raise usage.UsageError(str(e))  # a description that cannot be parsed
-        if getattr(self, "preflight", False):
-            return  # a check of the options and the code: bind nothing
+        self.specs = specs
         try:
+            if getattr(self, "preflight", False):
+                self.certificates = load_certificates(specs, options)
+                return  # a check of the options and the code: bind nothing
             # Bind (or inherit) now, before twistd daemonizes: a port in use or
             # garbage from the previous generation is one line, not a traceback.
             self.inheritance = Inheritance.acquire(specs, os.environ, self["reuse-port"], options)
+            # Each generation (and worker) loads its certificates now: one that
+            # cannot be used stops it before it serves. A master re-executing
+            # itself serves no TLS and must not die of a bad file.
+            self.certificates = ({} if self.inheritance.source == "re-exec" else
+                                 load_certificates(specs, options))
         except HandoffError as e:
             raise StartupError(f"{e} (the GRACEFUL_* variables are set by a running server for "
                                f"the process it starts; unset them to start a new server)")
         except ListenerError as e:
             raise StartupError(str(e))
         self.cwd = os.getcwd()
+
+
+# name -> (option, role) of the listeners that are off by default.
+OPTIONAL = {"udp": ("--udp-port", DATAGRAM), "https": ("--tls-port", TLS)}
+
+
+def load_certificates(specs, options):
+    """
+    listener name -> L{LoadedCertificate}, for every TLS listener.
+    """
+    return {name: load_certificate(spec, options[name]) for name, spec in specs.items()
+            if spec.role == TLS}
 
 
 def parse_workers(text):
@@ -259,10 +295,26 @@ def makeService(options):
         idle_timeout=options["idle-timeout"],
     )
     graceful.add_listener("txn", options["txn-port"], txn, option="--txn-port")
+    https_site = udp = None
+    if "https" in options.specs:
+        # The same resource over TLS, with the certificate this generation loaded.
+        https_site = GracefulSite(root, drain_tracker=graceful.tracker,
+                                  max_body=options["max-body"],
+                                  header_timeout=options["header-timeout"], protocol_name="https")
+        https_site.displayTracebacks = False
+        certificate = options.certificates["https"]
+        graceful.add_listener("https", options["tls-port"], https_site, option="--tls-port",
+                              role=TLS, certificate=certificate)
+    if "udp" in options.specs:
+        udp = PingProtocol(identity)
+        graceful.add_listener("udp", options["udp-port"], udp, option="--udp-port",
+                              role=DATAGRAM)
+        graceful.add_readiness_check(lambda: self_test_ping(udp))
     # A worker of a master shares its metrics with every process of the server;
     # --workers 0 keeps a registry of its own (and carries its reload counts).
     metrics.install(graceful, options["metrics-port"], http_site=site, txn_factory=txn,
-                    shared_dir=metrics.worker_directory(graceful))
+                    shared_dir=metrics.worker_directory(graceful), https_site=https_site,
+                    datagram_protocol=udp)
     graceful.add_readiness_check(store.check)
     if not graceful.is_worker:
         install_sd_notify(graceful)  # nothing unless $NOTIFY_SOCKET is set
