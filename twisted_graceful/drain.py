@@ -13,6 +13,9 @@ import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_graceful.interfaces import IDrainableConnection
 
 LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
 COMMIT_REPLY_WAIT = 10.0  # the most the hard deadline waits for a commit's reply
@@ -22,9 +25,12 @@ CONNECTION = "connection"
 DRAIN_MODES = (TRANSACTION, CONNECTION)
 
 
+@implementer(IDrainableConnection)
 class DrainableConnection:
     """
-    Mixin for a protocol whose connections a L{DrainTracker} drains.
+    Mixin for a protocol whose connections a L{DrainTracker} drains: it
+    implements L{IDrainableConnection} but for the two methods only the
+    protocol can know.
 
     Subclasses define C{protocol_name}, C{in_transaction()},
     C{close_at_boundary(idle_grace)} (close now if idle, else right after the
@@ -139,6 +145,11 @@ class DrainTracker:
 
     # --- registry -------------------------------------------------------
     def add(self, conn):
+        if not IDrainableConnection.providedBy(conn):
+            raise TypeError(
+                f"cannot drain {conn!r}: {type(conn).__name__} does not provide "
+                f"IDrainableConnection (mix in DrainableConnection, or declare "
+                f"@implementer(IDrainableConnection))")
         self._connections.append(conn)
         if self.draining and self.mode == TRANSACTION:
             # Accepted in the instant before the listener closed: serve what it

@@ -15,9 +15,11 @@ import socket
 
 from twisted.internet import defer, protocol
 from twisted.web import http, server
+from zope.interface import implementer
 
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.drain import DrainableConnection, close_in_stages
+from twisted_graceful.interfaces import IReadinessCheck
 
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -329,3 +331,26 @@ def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
         return response
 
     return done.addCallback(check)
+
+
+@implementer(IReadinessCheck)
+class HTTPSelfTest:
+    """
+    The readiness check of an HTTP site: one real request through the whole
+    stack (L{self_test_request}), so a generation whose resources fail to
+    answer is never declared ready.
+
+        graceful.add_readiness_check(HTTPSelfTest(reactor, site))
+    """
+
+    def __init__(self, reactor, factory, path=b"/healthz", timeout=10.0):
+        self.reactor = reactor
+        self.factory = factory
+        self.path = path
+        self.timeout = timeout
+
+    def __call__(self):
+        return self_test_request(self.reactor, self.factory, self.path, self.timeout)
+
+    def __repr__(self):
+        return f"<HTTPSelfTest GET {self.path.decode('ascii', 'replace')}>"

@@ -28,6 +28,9 @@ import socket
 import time
 
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_graceful.interfaces import ILifecycleObserver
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
 
@@ -98,6 +101,7 @@ def _status(text):
     return "STATUS=" + " ".join(str(text).split())
 
 
+@implementer(ILifecycleObserver)
 class SdNotifier:
     """
     Observer of a L{GracefulService} (see L{GracefulService.add_observer})

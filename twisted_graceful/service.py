@@ -36,6 +36,7 @@ from twisted_graceful.command import resolve_command
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
 from twisted_graceful.handoff import WORKER, WORKERS_ENV
 from twisted_graceful.inherit import Inheritance
+from twisted_graceful.interfaces import ILifecycleObserver, IReadinessCheck, require_callable
 from twisted_graceful.lifecycle import (
     DRAINING,
     EXITED,
@@ -211,18 +212,18 @@ class GracefulService(service.MultiService):
 
     def add_observer(self, observer):
         """
-        C{observer(event, **details)} hears what this generation goes
-        through: the events of L{twisted_graceful.lifecycle}.
+        C{observer(event, **details)} (an L{ILifecycleObserver}) hears what
+        this generation goes through: the events of L{twisted_graceful.lifecycle}.
         """
-        self.lifecycle.observers.append(observer)
+        self.lifecycle.observers.append(require_callable(observer, ILifecycleObserver))
 
     def add_readiness_check(self, check):
         """
-        C{check()} returns a Deferred (or a value); this generation reports
-        ready only once every check has succeeded. A failing check is retried
-        with backoff until the ready timeout.
+        C{check()} (an L{IReadinessCheck}) returns a Deferred (or a value);
+        this generation reports ready only once every check has succeeded. A
+        failing check is retried with backoff until the ready timeout.
         """
-        self.readiness_checks.append(check)
+        self.readiness_checks.append(require_callable(check, IReadinessCheck))
 
     def when_ready(self):
         """

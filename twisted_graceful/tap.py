@@ -10,7 +10,7 @@ from twisted.python import usage
 from twisted_graceful.command import next_generation_command
 from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
-from twisted_graceful.http import GracefulSite, self_test_request
+from twisted_graceful.http import GracefulSite, HTTPSelfTest
 from twisted_graceful import logs, metrics
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
@@ -232,7 +232,7 @@ def makeService(options):
                         header_timeout=options["header-timeout"])
     site.displayTracebacks = False
     graceful.add_listener("http", options["port"], site, option="--port")
-    graceful.add_readiness_check(lambda: self_test_request(reactor, site))
+    graceful.add_readiness_check(HTTPSelfTest(reactor, site))
     txn = TxnFactory(
         store, identity, reactor, drain_tracker=graceful.tracker,
         max_line=options["max-line"], max_commands=options["max-commands"],
