@@ -7,6 +7,7 @@ import sys
 
 from twisted.python import usage
 
+from twisted_graceful._twisted import exit_on_usage_error
 from twisted_graceful.command import next_generation_command
 from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
@@ -125,6 +126,13 @@ class Options(usage.Options):
         """
         return {"http": ("--port", self["port"]), "txn": ("--txn-port", self["txn-port"]),
                 "metrics": ("--metrics-port", self["metrics-port"])}
+
+    def parseOptions(self, options=None):
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            exit_on_usage_error(self, e)  # exits 1 under twistd < 26.10, which would exit 0
+            raise
 
     def postOptions(self):
         if is_postgres(self["db"]):
