@@ -150,7 +150,7 @@ def protect_twistd_pidfile():
 
 
 _logfile_patched = False
-_open_logfiles = weakref.WeakSet()
+_open_logfiles: weakref.WeakSet = weakref.WeakSet()
 
 
 def _set_append(fd):

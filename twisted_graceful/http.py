@@ -12,13 +12,16 @@ draining generation until the deadline.
 """
 
 import socket
+from typing import Any, Optional
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.web import http, server
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
-from twisted_graceful.drain import DrainableConnection, close_in_stages
+from twisted_graceful.drain import DrainableConnection, DrainTracker, close_in_stages
 from twisted_graceful.interfaces import IReadinessCheck
 
 DEFAULT_MAX_BODY = 64 * 1024
@@ -263,8 +266,10 @@ class GracefulSite(server.Site):
         beyond; L{None}: no limit).
     """
 
-    def __init__(self, resource, drain_tracker=None, max_body=DEFAULT_MAX_BODY,
-                 header_timeout=DEFAULT_HEADER_TIMEOUT, **kwargs):
+    def __init__(self, resource: IResource, drain_tracker: Optional[DrainTracker] = None,
+                 max_body: Optional[int] = DEFAULT_MAX_BODY,
+                 header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
+                 **kwargs: Any) -> None:
         server.Site.__init__(self, resource, **kwargs)
         self.drain_tracker = drain_tracker
         self.max_body = max_body
@@ -291,7 +296,8 @@ class _SelfTestClient(protocol.Protocol):
             self._done.callback(b"".join(self._data))
 
 
-def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
+def self_test_request(reactor: Any, factory: IProtocolFactory, path: bytes = b"/healthz",
+                      timeout: float = 10.0) -> "defer.Deferred[bytes]":
     """
     Send one real request to C{factory} in-process, over a socket pair, and
     fire with the response bytes; fail if it is not a 200.
@@ -300,7 +306,7 @@ def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
     and a test request could be answered by it.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    done = defer.Deferred()
+    done: defer.Deferred[bytes] = defer.Deferred()
     try:
         ours.setblocking(False)
         theirs.setblocking(False)
@@ -343,13 +349,14 @@ class HTTPSelfTest:
         graceful.add_readiness_check(HTTPSelfTest(reactor, site))
     """
 
-    def __init__(self, reactor, factory, path=b"/healthz", timeout=10.0):
+    def __init__(self, reactor: Any, factory: IProtocolFactory, path: bytes = b"/healthz",
+                 timeout: float = 10.0) -> None:
         self.reactor = reactor
         self.factory = factory
         self.path = path
         self.timeout = timeout
 
-    def __call__(self):
+    def __call__(self) -> "defer.Deferred[bytes]":
         return self_test_request(self.reactor, self.factory, self.path, self.timeout)
 
     def __repr__(self):

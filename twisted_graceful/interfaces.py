@@ -18,7 +18,14 @@ observer is: it is a callable with the same signature, and declaring it is
 optional (C{zope.interface.provider} on a function does it).
 """
 
+from typing import Any, Callable
+
 from zope.interface import Attribute, Interface
+
+# What add_readiness_check and add_observer take, for type checkers: an
+# IReadinessCheck or ILifecycleObserver, or a plain function.
+ReadinessCheck = Callable[[], Any]
+LifecycleObserver = Callable[..., None]
 
 
 class IDrainableConnection(Interface):
@@ -43,13 +50,13 @@ class IDrainableConnection(Interface):
         "The connection's C{ITransport}: cut with C{abortConnection()} when the reply "
         "to a commit that C{abort_connection} waited for never comes.")
 
-    def in_transaction():
+    def in_transaction() -> bool:
         """
         True while closing now would lose or cut work: an HTTP request being
         handled, a transaction between its start and the reply to its commit.
         """
 
-    def close_at_boundary(idle_grace):
+    def close_at_boundary(idle_grace: float) -> None:
         """
         Close at the next transaction boundary: when idle, after at most
         C{idle_grace} seconds (to answer a request already on its way);
@@ -57,7 +64,7 @@ class IDrainableConnection(Interface):
         Remove yourself from the tracker once closed.
         """
 
-    def abort_connection():
+    def abort_connection() -> bool:
         """
         The hard deadline: cut the connection and return True; or return
         False when a commit is in the database and its reply is on its way,
@@ -65,7 +72,7 @@ class IDrainableConnection(Interface):
         retry work that was done).
         """
 
-    def describe():
+    def describe() -> str:
         """
         One line for an operator: the protocol, the peer, idle or in a
         transaction (logged for each connection cut at the deadline).
@@ -80,7 +87,7 @@ class IReadinessCheck(Interface):
     until C{--ready-timeout}, and one that never answers fails then.
     """
 
-    def __call__():
+    def __call__() -> Any:
         """
         @return: a L{twisted.internet.defer.Deferred} that fires once ready
             (or a plain value: ready at once); a failure (or an exception)
@@ -97,14 +104,14 @@ class ILifecycleObserver(Interface):
     An observer that raises is logged and does not stop the others.
     """
 
-    def __call__(event, **details):
+    def __call__(event: str, **details: Any) -> None:
         """
         @param event: the event's name (C{'upgrade-failed'}).
         @param details: its details (C{outcome=UpgradeOutcome(...)}).
         """
 
 
-def require_callable(hook, interface):
+def require_callable(hook: Any, interface: Any) -> Any:
     """
     C{hook}, if it can be called as C{interface} says; a L{TypeError} naming
     the interface otherwise (at C{add_...} time, not at the first upgrade).

@@ -26,6 +26,7 @@ C{NOTIFY_SOCKET} stays in the environment: every later generation needs it.
 import os
 import socket
 import time
+from typing import Any, Mapping, Optional
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -231,7 +232,8 @@ class SdNotifier:
         self._pending = None
 
 
-def install_sd_notify(graceful, environ=None):
+def install_sd_notify(graceful: Any,
+                      environ: Optional[Mapping[str, str]] = None) -> Optional["SdNotifier"]:
     """
     Tell systemd about C{graceful}'s life (ready, reloading, new main PID,
     stopping) when C{$NOTIFY_SOCKET} is set; do nothing otherwise.

@@ -62,6 +62,7 @@ def check_postgres_url(url):
 
 
 class Options(usage.Options):
+    preflight = False  # True: parsing for `python -m twisted_graceful preflight`, binding nothing
     synopsis = "[options]"
     longdesc = (
         "Serve HTTP (hello world with its PID) and upgrade without dropping a "
