@@ -14,6 +14,7 @@ from twisted.web import resource
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
+from twisted_graceful import http as graceful_http
 from twisted_graceful import master as M
 from twisted_graceful.drain import DrainableConnection, DrainTracker
 from twisted_graceful.http import DrainableHTTPChannel, GracefulSite, HTTPSelfTest
@@ -189,9 +190,8 @@ class HookTests(unittest.SynchronousTestCase):
         # that calling the check starts that request with its arguments.
         calls = []
         check = HTTPSelfTest("reactor", "site", path=b"/ready", timeout=3.0)
-        self.patch(
-            __import__("twisted_graceful.http", fromlist=["x"]), "self_test_request",
-            lambda *args: calls.append(args) or defer.succeed(b"HTTP/1.0 200 OK"))
+        self.patch(graceful_http, "self_test_request",
+                   lambda *args: calls.append(args) or defer.succeed(b"HTTP/1.0 200 OK"))
         result = self.successResultOf(check())
         self.assertEqual(result, b"HTTP/1.0 200 OK")
         self.assertEqual(calls, [("reactor", "site", b"/ready", 3.0)])

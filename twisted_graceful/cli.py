@@ -23,7 +23,8 @@ import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Optional, TextIO
 
 from twisted_graceful.statusfile import read_status, status_path
 from twisted_graceful.pidfile import pid_alive, read_pid

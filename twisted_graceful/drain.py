@@ -10,7 +10,7 @@ to close at its own transaction boundary.
 
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -135,7 +135,7 @@ class DrainTracker:
     def __init__(self, reactor: Any, idle_grace: float = 1.0, progress_interval: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._reactor = reactor
-        self._connections: List[Any] = []  # IDrainableConnection providers
+        self._connections: list[Any] = []  # IDrainableConnection providers
         self.idle_grace = idle_grace
         self.progress_interval = progress_interval
         self._clock = clock
@@ -143,9 +143,9 @@ class DrainTracker:
         self.mode: Optional[str] = None
         self.report: Optional[DrainReport] = None
         self._done: Optional[defer.Deferred[DrainReport]] = None
-        self._calls: List[Any] = []  # IDelayedCall
+        self._calls: list[Any] = []  # IDelayedCall
         # callables(tracker) told when connections change
-        self._change_callbacks: List[Callable[[DrainTracker], None]] = []
+        self._change_callbacks: list[Callable[[DrainTracker], None]] = []
 
     # --- registry -------------------------------------------------------
     def add(self, conn: IDrainableConnection) -> None:
@@ -178,11 +178,11 @@ class DrainTracker:
     def __len__(self) -> int:
         return len(self._connections)
 
-    def counts(self) -> Dict[str, Tuple[int, int]]:
+    def counts(self) -> dict[str, tuple[int, int]]:
         """
         protocol name -> (open connections, connections inside a transaction).
         """
-        result: Dict[str, Tuple[int, int]] = {}
+        result: dict[str, tuple[int, int]] = {}
         for conn in self._connections:
             total, busy = result.get(conn.protocol_name, (0, 0))
             result[conn.protocol_name] = (total + 1, busy + (1 if conn.in_transaction() else 0))

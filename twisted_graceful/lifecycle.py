@@ -38,7 +38,7 @@ and C{state} (the state after the event) besides its own details:
 
 import os
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, error
@@ -135,8 +135,8 @@ class StateMachine:
 
     log = Logger()
     role: Optional[str] = None
-    transitions: Dict[Tuple[str, str], str] = {}
-    refusals: Dict[Tuple[str, str], str] = {}
+    transitions: dict[tuple[str, str], str] = {}
+    refusals: dict[tuple[str, str], str] = {}
     initial_state: Optional[str] = None
 
     def __init__(self, reactor, *, generation=1, pid=None, ready_timeout=30.0, backoff_base=1.0,

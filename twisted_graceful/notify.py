@@ -26,7 +26,8 @@ C{NOTIFY_SOCKET} stays in the environment: every later generation needs it.
 import os
 import socket
 import time
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from twisted.logger import Logger
 from zope.interface import implementer

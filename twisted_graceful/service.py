@@ -17,7 +17,8 @@ import os
 import signal
 import sys
 from collections import OrderedDict
-from typing import Any, List, MutableMapping, Optional, Sequence, Tuple
+from collections.abc import MutableMapping, Sequence
+from typing import Any, Optional
 
 from twisted.application import service
 from twisted.application.internet import backoffPolicy
@@ -115,7 +116,7 @@ class ListeningPorts:
         return defer.DeferredList(stopped)
 
     def descriptions(self):
-        return OrderedDict((name, l.describe()) for name, l in self.listeners.items())
+        return OrderedDict((name, listener.describe()) for name, listener in self.listeners.items())
 
 
 # What a master sends its workers when its shutdown delay starts: a real-time
@@ -149,7 +150,7 @@ class GracefulService(service.MultiService):
     def __init__(self, reactor: Any = None, *, pidfile: Optional[str] = None,
                  ready_timeout: float = 30.0, drain_timeout: float = 60.0,
                  abort_grace: float = 5.0, idle_grace: float = 1.0, drain_mode: str = TRANSACTION,
-                 command: Optional[Tuple[str, Sequence[str]]] = None,
+                 command: Optional[tuple[str, Sequence[str]]] = None,
                  environ: Optional[MutableMapping[str, str]] = None,
                  inheritance: Optional[Inheritance] = None, reuse_port: bool = False,
                  backoff_base: float = 1.0, backoff_max: float = 60.0,
@@ -173,7 +174,7 @@ class GracefulService(service.MultiService):
         self.relay_output = relay_output
         self.cwd = os.getcwd()
         self.ports = ListeningPorts()
-        self.readiness_checks: List[ReadinessCheck] = []
+        self.readiness_checks: list[ReadinessCheck] = []
         self.tracker = DrainTracker(reactor, idle_grace=idle_grace)
         self.lineage = None
         self.lifecycle = Lifecycle(
@@ -258,9 +259,9 @@ class GracefulService(service.MultiService):
     def acquire(self):
         if self.inheritance is None:
             self.inheritance = Inheritance.acquire(
-                OrderedDict((n, l.spec) for n, l in self.listeners.items()),
+                OrderedDict((n, listener.spec) for n, listener in self.listeners.items()),
                 self.environ, self.reuse_port,
-                OrderedDict((n, l.option) for n, l in self.listeners.items()),
+                OrderedDict((n, listener.option) for n, listener in self.listeners.items()),
             )
         inh = self.inheritance
         self.lifecycle.generation = inh.generation
@@ -472,7 +473,7 @@ class GracefulService(service.MultiService):
                                       kill_grace=self.abort_grace)
         spawn_next_generation(
             self.reactor, proto, executable, args,
-            OrderedDict((n, l.port.fileno()) for n, l in self.listeners.items()),
+            OrderedDict((n, listener.port.fileno()) for n, listener in self.listeners.items()),
             self.lineage.fileno(), self.environ, self.generation + 1, self.pidfile,
             self.ready_timeout, self.cwd,
         )
