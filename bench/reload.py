@@ -1067,14 +1067,14 @@ def summarize(result):
         return any(start <= w1 and end >= w0 for w0, w1 in windows)
 
     steady, inside = [], []
-    for kind, start, end, outcome in rec.requests:
+    for _kind, start, end, outcome in rec.requests:
         if outcome == "ok":
             (inside if in_window(start, end) else steady).append((end - start) * 1000)
     failures = {k: 0 for k in FAILURE_KINDS}
     for _, _, outcome, _ in rec.failures:
         failures[outcome] = failures.get(outcome, 0) + 1
     per_upgrade = [0] * len(windows)
-    for _, t, outcome, _ in rec.failures:
+    for _, t, _outcome, _ in rec.failures:
         for i, (w0, w1) in enumerate(windows):
             if w0 <= t <= w1 + 1.0:
                 per_upgrade[i] += 1

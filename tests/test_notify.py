@@ -10,8 +10,10 @@ import time
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from twisted_graceful.drain import DrainTracker
+from twisted_graceful.interfaces import IDrainableConnection
 from twisted_graceful.notify import SdNotifier, install_sd_notify, notify_address, sd_notify
 from twisted_graceful.service import GracefulService
 from twisted_graceful.lifecycle import UpgradeOutcome
@@ -90,12 +92,23 @@ class FakeGraceful:
         self.generation = generation
 
 
+@implementer(IDrainableConnection)
 class FakeConn:
     protocol_name = "http"
     drain_state = "open"
+    transport = None
 
     def in_transaction(self):
         return False
+
+    def close_at_boundary(self, idle_grace):
+        pass
+
+    def abort_connection(self):
+        return True
+
+    def describe(self):
+        return "fake http connection (idle)"
 
 
 class SdNotifierTests(unittest.TestCase):

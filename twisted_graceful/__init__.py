@@ -6,9 +6,10 @@ twisted-graceful: zero-downtime restarts and upgrades for Twisted servers.
 # twisted.internet.endpoints, which deletes them (docs/design.md, fact 7).
 from twisted_graceful import systemd as _systemd  # noqa: F401,I001
 from twisted_graceful.drain import DrainableConnection, DrainTracker
-from twisted_graceful.http import GracefulSite, self_test_request
+from twisted_graceful.http import GracefulSite, HTTPSelfTest, self_test_request
 from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.inherit import Inheritance
+from twisted_graceful.interfaces import IDrainableConnection, ILifecycleObserver, IReadinessCheck
 from twisted_graceful.service import GracefulService
 
 __version__ = "0.1.0"
@@ -18,6 +19,10 @@ __all__ = [
     "DrainTracker",
     "GracefulService",
     "GracefulSite",
+    "HTTPSelfTest",
+    "IDrainableConnection",
+    "ILifecycleObserver",
+    "IReadinessCheck",
     "Inheritance",
     "ListenerError",
     "parse_listen_description",

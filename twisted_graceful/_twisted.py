@@ -40,6 +40,11 @@ else (docs/design.md, "What the code relies on").
     C{LineReceiver._buffer}: Twisted answers those cases with a bare 400 or a
     silent close, and offers no hook. C{tests/test_http_limits.py} fails if
     they change.
+  - L{exit_on_usage_error}: twistd's C{app.run} before Twisted 26.10 prints a
+    usage error and returns, so C{twistd graceful --port nonsense} exits 0
+    (twisted#12656): a deploy script or systemd would take a refused start
+    for a success. We find C{app.run}'s frame on the stack to know that
+    twistd is parsing (not the preflight, not a test).
 """
 
 import fcntl
@@ -47,8 +52,11 @@ import functools
 import os
 import select
 import socket
+import sys
 import weakref
 
+import twisted
+from twisted.application import app as twistd_app
 from twisted.internet import tcp
 from twisted.web import http as _web_http
 
@@ -201,7 +209,7 @@ def protect_twistd_pidfile():
 
 
 _logfile_patched = False
-_open_logfiles = weakref.WeakSet()
+_open_logfiles: weakref.WeakSet = weakref.WeakSet()
 
 
 def _set_append(fd):
@@ -289,3 +297,30 @@ def ssl_context(keywords):
 
     (_port, _factory, context_factory), _ = endpoints._parseSSL(None, "0", **keywords)
     return context_factory
+
+
+# Twisted 26.10 exits 1 after printing a usage error (twisted#12656).
+TWISTD_EXITS_ON_USAGE_ERROR = (twisted.version.major, twisted.version.minor) >= (26, 10)
+
+
+def _parsed_by_twistd():
+    code = twistd_app.run.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def exit_on_usage_error(options, error):
+    """
+    Called with a usage error of C{options}: when twistd parses them and
+    would print the error and exit 0, print it as twistd would and exit 1;
+    otherwise return (the caller raises it again).
+    """
+    if TWISTD_EXITS_ON_USAGE_ERROR or not _parsed_by_twistd():
+        return
+    print(options)
+    print(f"{' '.join(sys.argv[0:2])}: {error}")
+    sys.exit(1)

@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from typing import Optional, TextIO
 
 from twisted_graceful.statusfile import read_status, status_path
 from twisted_graceful.pidfile import pid_alive, read_pid
@@ -287,7 +289,7 @@ def master_status(pid, entry, alive=pid_alive):
     return lines
 
 
-def preflight(graceful_args, out=None):
+def preflight(graceful_args: Sequence[str], out: Optional[TextIO] = None) -> int:
     """
     Import the code on disk and parse C{graceful_args} as C{twistd graceful}
     would, binding nothing: 0 if it would start, 2 with the reason if not.
@@ -308,7 +310,7 @@ def preflight(graceful_args, out=None):
     return EXIT_OK
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m twisted_graceful",
         description="Steer a running twisted-graceful server.",

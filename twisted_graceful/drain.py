@@ -10,9 +10,13 @@ to close at its own transaction boundary.
 
 import socket
 import time
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer, interfaces
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_graceful.interfaces import IDrainableConnection
 
 LINGER_SECONDS = 2.0  # how long a half-closed connection waits for the peer's FIN
 COMMIT_REPLY_WAIT = 10.0  # the most the hard deadline waits for a commit's reply
@@ -22,9 +26,12 @@ CONNECTION = "connection"
 DRAIN_MODES = (TRANSACTION, CONNECTION)
 
 
+@implementer(IDrainableConnection)
 class DrainableConnection:
     """
-    Mixin for a protocol whose connections a L{DrainTracker} drains.
+    Mixin for a protocol whose connections a L{DrainTracker} drains: it
+    implements L{IDrainableConnection} but for the two methods only the
+    protocol can know.
 
     Subclasses define C{protocol_name}, C{in_transaction()},
     C{close_at_boundary(idle_grace)} (close now if idle, else right after the
@@ -33,25 +40,26 @@ class DrainableConnection:
     """
 
     protocol_name = "?"
-    drain_tracker = None
+    drain_tracker: Optional["DrainTracker"] = None
     drain_state = "open"  # open, closing (asked to close), aborted
+    transport: Any = None  # the protocol's, once connected
 
-    def track(self, tracker):
+    def track(self, tracker: Optional["DrainTracker"]) -> None:
         self.drain_tracker = tracker
         if tracker is not None:
             tracker.add(self)
 
-    def untrack(self):
+    def untrack(self) -> None:
         if self.drain_tracker is not None:
             self.drain_tracker.remove(self)
 
-    def in_transaction(self):
+    def in_transaction(self) -> bool:
         raise NotImplementedError()
 
-    def close_at_boundary(self, idle_grace):
+    def close_at_boundary(self, idle_grace: float) -> None:
         raise NotImplementedError()
 
-    def abort_connection(self):
+    def abort_connection(self) -> bool:
         """
         The hard deadline. Cut the connection and return True; or, when a
         commit is already in the database and its reply is on the way, return
@@ -62,13 +70,13 @@ class DrainableConnection:
         self.transport.abortConnection()
         return True
 
-    def describe(self):
+    def describe(self) -> str:
         peer = getattr(self.transport, "getPeer", lambda: "?")()
         state = "in a transaction" if self.in_transaction() else "idle"
         return f"{self.protocol_name} connection from {_peer_text(peer)} ({state})"
 
     @property
-    def draining(self):
+    def draining(self) -> bool:
         return self.drain_tracker is not None and self.drain_tracker.draining
 
 
@@ -131,21 +139,28 @@ class DrainTracker:
 
     log = Logger()
 
-    def __init__(self, reactor, idle_grace=1.0, progress_interval=5.0, clock=time.monotonic):
+    def __init__(self, reactor: Any, idle_grace: float = 1.0, progress_interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._reactor = reactor
-        self._connections = []
+        self._connections: list[Any] = []  # IDrainableConnection providers
         self.idle_grace = idle_grace
         self.progress_interval = progress_interval
         self._clock = clock
         self.draining = False
-        self.mode = None
-        self.report = None
-        self._done = None
-        self._calls = []
-        self._change_callbacks = []  # callables(tracker) told when connections change
+        self.mode: Optional[str] = None
+        self.report: Optional[DrainReport] = None
+        self._done: Optional[defer.Deferred[DrainReport]] = None
+        self._calls: list[Any] = []  # IDelayedCall
+        # callables(tracker) told when connections change
+        self._change_callbacks: list[Callable[[DrainTracker], None]] = []
 
     # --- registry -------------------------------------------------------
-    def add(self, conn):
+    def add(self, conn: IDrainableConnection) -> None:
+        if not IDrainableConnection.providedBy(conn):
+            raise TypeError(
+                f"cannot drain {conn!r}: {type(conn).__name__} does not provide "
+                f"IDrainableConnection (mix in DrainableConnection, or declare "
+                f"@implementer(IDrainableConnection))")
         self._connections.append(conn)
         if self.draining and self.mode == TRANSACTION:
             # Accepted in the instant before the listener closed: serve what it
@@ -154,7 +169,7 @@ class DrainTracker:
             conn.close_at_boundary(self.idle_grace)
         self._changed()
 
-    def remove(self, conn):
+    def remove(self, conn: IDrainableConnection) -> None:
         try:
             self._connections.remove(conn)
         except ValueError:
@@ -167,20 +182,20 @@ class DrainTracker:
         self._changed()
         self._check_done()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._connections)
 
-    def counts(self):
+    def counts(self) -> dict[str, tuple[int, int]]:
         """
         protocol name -> (open connections, connections inside a transaction).
         """
-        result = {}
+        result: dict[str, tuple[int, int]] = {}
         for conn in self._connections:
             total, busy = result.get(conn.protocol_name, (0, 0))
             result[conn.protocol_name] = (total + 1, busy + (1 if conn.in_transaction() else 0))
         return result
 
-    def add_change_callback(self, callback):
+    def add_change_callback(self, callback: Callable[["DrainTracker"], None]) -> None:
         """
         Call C{callback(tracker)} whenever a connection opens or closes, or a
         drain starts or is called off.
@@ -188,7 +203,7 @@ class DrainTracker:
         if callback not in self._change_callbacks:
             self._change_callbacks.append(callback)
 
-    def remove_change_callback(self, callback):
+    def remove_change_callback(self, callback: Callable[["DrainTracker"], None]) -> None:
         if callback in self._change_callbacks:
             self._change_callbacks.remove(callback)
 
@@ -197,7 +212,8 @@ class DrainTracker:
             callback(self)
 
     # --- draining -------------------------------------------------------
-    def drain(self, mode=TRANSACTION, timeout=60.0, abort_grace=5.0):
+    def drain(self, mode: str = TRANSACTION, timeout: float = 60.0,
+              abort_grace: float = 5.0) -> "defer.Deferred[DrainReport]":
         """
         Close every connection at a transaction boundary (C{transaction}) or
         let clients close them (C{connection}) until C{timeout}, then close
@@ -288,7 +304,7 @@ class DrainTracker:
             # A commit takes at most the store's busy timeout; do not wait forever.
             self._calls.append(self._reactor.callLater(COMMIT_REPLY_WAIT, self._abort_all, True))
 
-    def resume(self):
+    def resume(self) -> bool:
         """
         Call the drain off (the generation that took over died): new
         connections are served again. Connections already asked to close

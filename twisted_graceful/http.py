@@ -12,12 +12,17 @@ draining generation until the deadline.
 """
 
 import socket
+from typing import Any, Optional
 
 from twisted.internet import defer, interfaces, protocol
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.web import http, server
+from twisted.web.resource import IResource
+from zope.interface import implementer
 
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
-from twisted_graceful.drain import DrainableConnection, close_in_stages
+from twisted_graceful.drain import DrainableConnection, DrainTracker, close_in_stages
+from twisted_graceful.interfaces import IReadinessCheck
 
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -271,8 +276,10 @@ class GracefulSite(server.Site):
         beyond; L{None}: no limit).
     """
 
-    def __init__(self, resource, drain_tracker=None, max_body=DEFAULT_MAX_BODY,
-                 header_timeout=DEFAULT_HEADER_TIMEOUT, protocol_name="http", **kwargs):
+    def __init__(self, resource: IResource, drain_tracker: Optional[DrainTracker] = None,
+                 max_body: Optional[int] = DEFAULT_MAX_BODY,
+                 header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
+                 protocol_name: str = "http", **kwargs: Any) -> None:
         server.Site.__init__(self, resource, **kwargs)
         self.drain_tracker = drain_tracker
         self.max_body = max_body
@@ -303,7 +310,8 @@ class _SelfTestClient(protocol.Protocol):
             self._done.callback(b"".join(self._data))
 
 
-def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
+def self_test_request(reactor: Any, factory: IProtocolFactory, path: bytes = b"/healthz",
+                      timeout: float = 10.0) -> "defer.Deferred[bytes]":
     """
     Send one real request to C{factory} in-process, over a socket pair, and
     fire with the response bytes; fail if it is not a 200.
@@ -312,7 +320,7 @@ def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
     and a test request could be answered by it.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    done = defer.Deferred()
+    done: defer.Deferred[bytes] = defer.Deferred()
     try:
         ours.setblocking(False)
         theirs.setblocking(False)
@@ -343,3 +351,27 @@ def self_test_request(reactor, factory, path=b"/healthz", timeout=10.0):
         return response
 
     return done.addCallback(check)
+
+
+@implementer(IReadinessCheck)
+class HTTPSelfTest:
+    """
+    The readiness check of an HTTP site: one real request through the whole
+    stack (L{self_test_request}), so a generation whose resources fail to
+    answer is never declared ready.
+
+        graceful.add_readiness_check(HTTPSelfTest(reactor, site))
+    """
+
+    def __init__(self, reactor: Any, factory: IProtocolFactory, path: bytes = b"/healthz",
+                 timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.path = path
+        self.timeout = timeout
+
+    def __call__(self) -> "defer.Deferred[bytes]":
+        return self_test_request(self.reactor, self.factory, self.path, self.timeout)
+
+    def __repr__(self):
+        return f"<HTTPSelfTest GET {self.path.decode('ascii', 'replace')}>"

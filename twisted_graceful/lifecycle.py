@@ -38,6 +38,7 @@ and C{state} (the state after the event) besides its own details:
 
 import os
 import time
+from typing import Optional
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, error
@@ -133,10 +134,10 @@ class StateMachine:
     """
 
     log = Logger()
-    role = None
-    transitions = {}
-    refusals = {}
-    initial_state = None
+    role: Optional[str] = None
+    transitions: dict[tuple[str, str], str] = {}
+    refusals: dict[tuple[str, str], str] = {}
+    initial_state: Optional[str] = None
 
     def __init__(self, reactor, *, generation=1, pid=None, ready_timeout=30.0, backoff_base=1.0,
                  backoff_max=60.0):

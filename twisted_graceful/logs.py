@@ -19,7 +19,7 @@ from twisted.python import logfile
 
 LOG_FORMATS = ("text", "json")
 
-_config = {}
+_config: dict = {}
 
 
 def configure(logfile=None, nodaemon=False):

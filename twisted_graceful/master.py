@@ -40,6 +40,7 @@ from twisted_graceful.lifecycle import (
     StateMachine,
     stop_reactor,
 )
+from twisted_graceful.interfaces import ILifecycleObserver, require_callable
 from twisted_graceful.listeners import describe_socket
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 from twisted_graceful.pidfile import remove_pidfile_if_own
@@ -589,7 +590,7 @@ class MasterService(service.Service):
         return self.master.state
 
     def add_observer(self, observer):
-        self.master.observers.append(observer)
+        self.master.observers.append(require_callable(observer, ILifecycleObserver))
 
     def privilegedStartService(self):
         if self.install_signal_handlers and self._previous_sighup is None:

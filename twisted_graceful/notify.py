@@ -26,8 +26,13 @@ C{NOTIFY_SOCKET} stays in the environment: every later generation needs it.
 import os
 import socket
 import time
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_graceful.interfaces import ILifecycleObserver
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
 
@@ -98,6 +103,7 @@ def _status(text):
     return "STATUS=" + " ".join(str(text).split())
 
 
+@implementer(ILifecycleObserver)
 class SdNotifier:
     """
     Observer of a L{GracefulService} (see L{GracefulService.add_observer})
@@ -227,7 +233,8 @@ class SdNotifier:
         self._pending = None
 
 
-def install_sd_notify(graceful, environ=None):
+def install_sd_notify(graceful: Any,
+                      environ: Optional[Mapping[str, str]] = None) -> Optional["SdNotifier"]:
     """
     Tell systemd about C{graceful}'s life (ready, reloading, new main PID,
     stopping) when C{$NOTIFY_SOCKET} is set; do nothing otherwise.

@@ -17,10 +17,13 @@ import os
 import signal
 import sys
 from collections import OrderedDict
+from collections.abc import MutableMapping, Sequence
+from typing import Any, Optional
 
 from twisted.application import service
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from twisted_graceful import lineage as L
@@ -36,6 +39,13 @@ from twisted_graceful.command import resolve_command
 from twisted_graceful.drain import DRAIN_MODES, TRANSACTION, DrainTracker
 from twisted_graceful.handoff import WORKER, WORKERS_ENV
 from twisted_graceful.inherit import Inheritance
+from twisted_graceful.interfaces import (
+    ILifecycleObserver,
+    IReadinessCheck,
+    LifecycleObserver,
+    ReadinessCheck,
+    require_callable,
+)
 from twisted_graceful.lifecycle import (
     DRAINING,
     EXITED,
@@ -46,7 +56,7 @@ from twisted_graceful.lifecycle import (
     stop_reactor,
 )
 from twisted_graceful.listeners import (
-    STREAM, TLS, describe_socket, parse_listen_description)
+    STREAM, TLS, ListenSpec, describe_socket, parse_listen_description)
 from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 
@@ -122,7 +132,7 @@ class ListeningPorts:
         return defer.DeferredList(stopped)
 
     def descriptions(self):
-        return OrderedDict((name, l.describe()) for name, l in self.listeners.items())
+        return OrderedDict((name, listener.describe()) for name, listener in self.listeners.items())
 
 
 # What a master sends its workers when its shutdown delay starts: a real-time
@@ -153,11 +163,15 @@ class GracefulService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor=None, *, pidfile=None, ready_timeout=30.0, drain_timeout=60.0,
-                 abort_grace=5.0, idle_grace=1.0, drain_mode=TRANSACTION, command=None,
-                 environ=None, inheritance=None, reuse_port=False, backoff_base=1.0,
-                 backoff_max=60.0, install_signal_handlers=True, relay_output=True,
-                 shutdown_delay=0.0):
+    def __init__(self, reactor: Any = None, *, pidfile: Optional[str] = None,
+                 ready_timeout: float = 30.0, drain_timeout: float = 60.0,
+                 abort_grace: float = 5.0, idle_grace: float = 1.0, drain_mode: str = TRANSACTION,
+                 command: Optional[tuple[str, Sequence[str]]] = None,
+                 environ: Optional[MutableMapping[str, str]] = None,
+                 inheritance: Optional[Inheritance] = None, reuse_port: bool = False,
+                 backoff_base: float = 1.0, backoff_max: float = 60.0,
+                 install_signal_handlers: bool = True, relay_output: bool = True,
+                 shutdown_delay: float = 0.0) -> None:
         service.MultiService.__init__(self)
         append_to_logfiles()  # before twistd opens its log file
         if reactor is None:
@@ -176,7 +190,7 @@ class GracefulService(service.MultiService):
         self.relay_output = relay_output
         self.cwd = os.getcwd()
         self.ports = ListeningPorts()
-        self.readiness_checks = []
+        self.readiness_checks: list[ReadinessCheck] = []
         self.tracker = DrainTracker(reactor, idle_grace=idle_grace)
         self.lineage = None
         self.lifecycle = Lifecycle(
@@ -193,19 +207,19 @@ class GracefulService(service.MultiService):
 
     # --- configuration ----------------------------------------------------
     @property
-    def listeners(self):
+    def listeners(self) -> "OrderedDict[str, Listener]":
         return self.ports.listeners
 
     @property
-    def generation(self):
+    def generation(self) -> int:
         return self.lifecycle.generation
 
     @property
-    def state(self):
+    def state(self) -> str:
         return self.lifecycle.state
 
     @property
-    def draining(self):
+    def draining(self) -> bool:
         """
         True once this generation is on its way out: draining, or inside its
         shutdown delay (still serving, but /healthz says 503).
@@ -213,8 +227,9 @@ class GracefulService(service.MultiService):
         return (self.lifecycle.state in (DRAINING, SHUTTING_DOWN, EXITED)
                 or self._delaying_shutdown is not None)
 
-    def add_listener(self, name, description, factory, option=None, role=STREAM,
-                     certificate=None):
+    def add_listener(self, name: str, description: str, factory: IProtocolFactory,
+                     option: Optional[str] = None, role: str = STREAM,
+                     certificate: Optional[Any] = None) -> ListenSpec:
         """
         Serve C{factory} on C{description} (a port number or endpoint-style
         string), handed to every later generation under C{name}.
@@ -241,26 +256,26 @@ class GracefulService(service.MultiService):
         return {name: l.certificate.as_dict() for name, l in self.listeners.items()
                 if l.certificate is not None}
 
-    def add_observer(self, observer):
+    def add_observer(self, observer: LifecycleObserver) -> None:
         """
-        C{observer(event, **details)} hears what this generation goes
-        through: the events of L{twisted_graceful.lifecycle}.
+        C{observer(event, **details)} (an L{ILifecycleObserver}) hears what
+        this generation goes through: the events of L{twisted_graceful.lifecycle}.
         """
-        self.lifecycle.observers.append(observer)
+        self.lifecycle.observers.append(require_callable(observer, ILifecycleObserver))
 
-    def add_readiness_check(self, check):
+    def add_readiness_check(self, check: ReadinessCheck) -> None:
         """
-        C{check()} returns a Deferred (or a value); this generation reports
-        ready only once every check has succeeded. A failing check is retried
-        with backoff until the ready timeout.
+        C{check()} (an L{IReadinessCheck}) returns a Deferred (or a value);
+        this generation reports ready only once every check has succeeded. A
+        failing check is retried with backoff until the ready timeout.
         """
-        self.readiness_checks.append(check)
+        self.readiness_checks.append(require_callable(check, IReadinessCheck))
 
-    def when_ready(self):
+    def when_ready(self) -> "defer.Deferred[GracefulService]":
         """
         A Deferred that fires with this service once it serves.
         """
-        d = defer.Deferred()
+        d: defer.Deferred[GracefulService] = defer.Deferred()
         if self.lifecycle.state not in (STARTING,):
             d.callback(self)
             return d
@@ -276,9 +291,9 @@ class GracefulService(service.MultiService):
     def acquire(self):
         if self.inheritance is None:
             self.inheritance = Inheritance.acquire(
-                OrderedDict((n, l.spec) for n, l in self.listeners.items()),
+                OrderedDict((n, listener.spec) for n, listener in self.listeners.items()),
                 self.environ, self.reuse_port,
-                OrderedDict((n, l.option) for n, l in self.listeners.items()),
+                OrderedDict((n, listener.option) for n, listener in self.listeners.items()),
             )
         inh = self.inheritance
         self.lifecycle.generation = inh.generation
@@ -304,7 +319,7 @@ class GracefulService(service.MultiService):
         return text.isdigit() and int(text) > 1
 
     @property
-    def is_worker(self):
+    def is_worker(self) -> bool:
         return self.inheritance is not None and self.inheritance.role == WORKER
 
     def privilegedStartService(self):
@@ -471,13 +486,13 @@ class GracefulService(service.MultiService):
                          pid=os.getpid(), gen=self.generation)
 
     # --- upgrade ----------------------------------------------------------
-    def upgrade(self, reason="upgrade requested"):
+    def upgrade(self, reason: str = "upgrade requested") -> str:
         """
         Start the next generation (what SIGHUP does).
 
         @return: C{"started"}, C{"scheduled"} or C{"refused"}.
         """
-        if self.is_worker:
+        if self.inheritance is not None and self.is_worker:
             return self.lifecycle.refuse_upgrade(
                 reason, f"this is a worker of the master pid {self.inheritance.parent_pid}: "
                         f"signal the master (the pidfile names it)")
@@ -494,7 +509,7 @@ class GracefulService(service.MultiService):
                                       kill_grace=self.abort_grace)
         spawn_next_generation(
             self.reactor, proto, executable, args,
-            OrderedDict((n, l.port.fileno()) for n, l in self.listeners.items()),
+            OrderedDict((n, listener.port.fileno()) for n, listener in self.listeners.items()),
             self.lineage.fileno(), self.environ, self.generation + 1, self.pidfile,
             self.ready_timeout, self.cwd,
         )

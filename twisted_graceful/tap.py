@@ -7,10 +7,11 @@ import sys
 
 from twisted.python import usage
 
+from twisted_graceful._twisted import exit_on_usage_error
 from twisted_graceful.command import next_generation_command
 from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
-from twisted_graceful.http import GracefulSite, self_test_request
+from twisted_graceful.http import GracefulSite, HTTPSelfTest
 from twisted_graceful import logs, metrics
 from twisted_graceful.datagram import PingProtocol, self_test_ping
 from twisted_graceful.listeners import (
@@ -65,6 +66,7 @@ def check_postgres_url(url):
 
 
 class Options(usage.Options):
+    preflight = False  # True: parsing for `python -m twisted_graceful preflight`, binding nothing
     synopsis = "[options]"
     longdesc = (
         "Serve HTTP (hello world with its PID) and upgrade without dropping a "
@@ -154,6 +156,13 @@ class Options(usage.Options):
         """
         return {name: (option, self[option[2:]]) for name, (option, _) in OPTIONAL.items()
                 if str(self[option[2:]] or "").strip()}
+
+    def parseOptions(self, options=None):
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            exit_on_usage_error(self, e)  # exits 1 under twistd < 26.10, which would exit 0
+            raise
 
     def postOptions(self):
         if is_postgres(self["db"]):
@@ -288,7 +297,7 @@ def makeService(options):
                         header_timeout=options["header-timeout"])
     site.displayTracebacks = False
     graceful.add_listener("http", options["port"], site, option="--port")
-    graceful.add_readiness_check(lambda: self_test_request(reactor, site))
+    graceful.add_readiness_check(HTTPSelfTest(reactor, site))
     txn = TxnFactory(
         store, identity, reactor, drain_tracker=graceful.tracker,
         max_line=options["max-line"], max_commands=options["max-commands"],
