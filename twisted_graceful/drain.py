@@ -37,8 +37,8 @@ class DrainableConnection:
     drain_state = "open"  # open, closing (asked to close), aborted
 
     def track(self, tracker):
-        self.drain_tracker = tracker
         if tracker is not None:
+            self.drain_tracker = tracker
             tracker.add(self)
 
     def untrack(self):
@@ -126,7 +126,7 @@ class DrainTracker:
 
     def __init__(self, reactor, idle_grace=1.0, progress_interval=5.0, clock=time.monotonic):
         self._reactor = reactor
-        self._connections = []
+        self._connections = {}  # connection -> None: ordered, and removed in O(1)
         self.idle_grace = idle_grace
         self.progress_interval = progress_interval
         self._clock = clock
@@ -138,27 +138,30 @@ class DrainTracker:
         self._change_callbacks = []  # callables(tracker) told when connections change
 
     # --- registry -------------------------------------------------------
+    # add and remove run once per connection: no work for what is not there
+    # (a drain, a change callback).
     def add(self, conn):
-        self._connections.append(conn)
+        self._connections[conn] = None
         if self.draining and self.mode == TRANSACTION:
             # Accepted in the instant before the listener closed: serve what it
             # sends within the grace, then close like the others.
             conn.drain_state = "closing"
             conn.close_at_boundary(self.idle_grace)
-        self._changed()
+        if self._change_callbacks:
+            self._changed()
 
     def remove(self, conn):
-        try:
-            self._connections.remove(conn)
-        except ValueError:
+        if self._connections.pop(conn, self) is self:
             return
         if self.report is not None:
             if conn.drain_state == "closing":
                 self.report.closed_by_server += 1
             elif conn.drain_state == "open":
                 self.report.closed_by_client += 1
-        self._changed()
-        self._check_done()
+        if self._change_callbacks:
+            self._changed()
+        if self._done is not None:
+            self._check_done()
 
     def __len__(self):
         return len(self._connections)

@@ -30,17 +30,33 @@ _REASONS = {
 }
 
 
+# twisted.web.http is a deprecation proxy: every attribute read through it
+# costs a Python call, so the channel's base class is bound once.
+_HTTPChannel = http.HTTPChannel
+
+
+def _drop(*args):
+    """What a closing channel does with what it still receives."""
+
+
 class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
+    """
+    An L{http.HTTPChannel} that drains and bounds requests. Its overrides run
+    for every request and connection, so they call the base class directly
+    (cheaper than C{super()}) and do nothing for what is not there
+    (docs/benchmarks.md, "Per-request and per-connection cost").
+    """
+
     protocol_name = "http"
     _idle_close = None
     _lingering = None
     _closing = False
     _head_timer = None
     _head_started = False  # bytes of a request's head have arrived
-    _head_lines = 0  # lines of the current head received
+    _client_closes = False  # the client said this request is its last (Connection: close)
 
     def connectionMade(self):
-        super().connectionMade()
+        _HTTPChannel.connectionMade(self)
         self.track(getattr(self.site, "drain_tracker", None))
         self._start_head_timer()
 
@@ -52,10 +68,22 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         return any(getattr(request, "_graceful_started", False) for request in self.requests)
 
     # --- request limits ------------------------------------------------
+    # One delayed call per connection bounds every head on it: armed when
+    # the connection opens (the first head's clock), pushed back (DelayedCall.reset, which costs no
+    # re-scheduling until it comes due) when the next head starts, and left
+    # to fire harmlessly in between: a keep-alive request costs no
+    # callLater/cancel of its own.
+    _heads = 0  # heads completed on this connection
+
     def _start_head_timer(self):
         timeout = getattr(self.site, "header_timeout", None)
-        if timeout and self._head_timer is None and not self._closing:
-            self._head_timer = self.callLater(timeout, self._head_timed_out, timeout)
+        if not timeout or self._closing:
+            return
+        timer = self._head_timer
+        if timer is not None and timer.active():
+            timer.reset(timeout)
+        else:
+            self._head_timer = self.callLater(timeout, self._head_timer_due, timeout)
 
     def _stop_head_timer(self):
         if self._head_timer is not None:
@@ -63,15 +91,19 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
                 self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_timed_out(self, timeout):
+    def _head_timer_due(self, timeout):
         self._head_timer = None
         if self._closing or self.in_transaction():
             return
         if self._head_started:
-            self._refuse(408, f"the request's head (request line and headers) did not arrive "
-                              f"within {timeout:g} s")
-        else:
+            self._head_timed_out(timeout)
+        elif not self._heads:
             self.loseConnection()  # a connection that never sent a byte: nothing to answer
+        # else: idle between requests; Twisted's idle timeout governs that
+
+    def _head_timed_out(self, timeout):
+        self._refuse(408, f"the request's head (request line and headers) did not arrive "
+                          f"within {timeout:g} s")
 
     def _refuse(self, code, text):
         """
@@ -81,6 +113,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self._closing:
             return
         self._stop_head_timer()
+        self._client_closes = False  # what it still sends is unread: linger
         body = (text + "\n").encode("utf-8")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -90,40 +123,37 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         self.loseConnection()
 
     def _head_too_big(self):
-        if self._head_lines == 0:
+        if self._HTTPChannel__first_line:
             self._refuse(414, f"the request line is too long (over {self.MAX_LENGTH} bytes)")
         else:
             self._refuse(431, f"the request's header block is too big (at most "
                               f"{self.maxHeaders} headers, {self.totalHeadersSize} bytes in all)")
 
     def dataReceived(self, data):
-        if data and self.line_mode and not self._handlingRequest:
-            # Bytes of a request's head: its clock starts with the first one.
+        if not self._head_started and data and self.line_mode and not self._handlingRequest:
+            # Bytes of a request's head. The first head's clock started with
+            # the connection (as nginx's client_header_timeout); a later
+            # one's starts with its first byte.
             self._head_started = True
-            self._start_head_timer()
-        super().dataReceived(data)
+            if self._heads:
+                self._start_head_timer()
+        _HTTPChannel.dataReceived(self, data)
 
     def lineLengthExceeded(self, line):
         self._head_too_big()
 
-    def lineReceived(self, line):
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+    def _respondToBadRequestAndDisconnect(self):
+        # Twisted's one answer (a bare 400) to every bad head; a head over
+        # the limits gets the code that says which limit (414, 431).
+        if (self._receivedHeaderSize > self.totalHeadersSize
+                or self._receivedHeaderCount > self.maxHeaders):
             self._head_too_big()
-            return
-        if line or self._head_lines:
-            self._head_lines += 1
-        super().lineReceived(line)
-
-    def headerReceived(self, line):
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self._head_too_big()
-            return False
-        return super().headerReceived(line)
+        else:
+            super()._respondToBadRequestAndDisconnect()
 
     def allHeadersReceived(self):
-        self._stop_head_timer()
-        self._head_lines = 0
         self._head_started = False
+        self._heads += 1
         limit = getattr(self.site, "max_body", None)
         if limit is not None and self.length is not None and self.length > limit:
             # Refused on its Content-Length, before a byte of the body is read
@@ -136,7 +166,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         decoder = self._transferDecoder
         if limit is not None and decoder is not None and hasattr(decoder, "dataCallback"):
             self._count_body(decoder, limit)
-        super().allHeadersReceived()
+        _HTTPChannel.allHeadersReceived(self)
 
     def _length_text(self):
         request = self.requests[-1] if self.requests else None
@@ -166,13 +196,6 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             deliver(data)
 
         decoder.dataCallback = counted
-
-    def requestDone(self, request):
-        super().requestDone(request)
-        if not self._closing and self.line_mode and self._buffer:
-            # Part of the next request's head was read with this one.
-            self._head_started = True
-            self._start_head_timer()
 
     def close_at_boundary(self, idle_grace):
         """
@@ -222,7 +245,9 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self.draining and self.drain_state != "open":
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
-        return super().checkPersistence(request, version)
+        persistent = _HTTPChannel.checkPersistence(self, request, version)
+        self._client_closes = not persistent
+        return persistent
 
     def loseConnection(self):
         """
@@ -237,8 +262,16 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self._idle_close is not None and self._idle_close.active():
             self._idle_close.cancel()
         self._networkProducer.unregisterProducer()
-        self.dataReceived = self.lineReceived = self.rawDataReceived = lambda *a: None
-        self._lingering = close_in_stages(self.transport, self.callLater)
+        self.dataReceived = self.lineReceived = self.rawDataReceived = _drop
+        if self._client_closes and not self._buffer and not self._dataBuffer:
+            # The client said its request was its last and sent nothing
+            # after it: it reads nothing more. Close as bare twisted.web and
+            # nginx's lingering_close heuristic do, without the half-close
+            # and its linger (a delayed call, a wake-up and a read per
+            # connection).
+            self.transport.loseConnection()
+        else:
+            self._lingering = close_in_stages(self.transport, self.callLater)
 
     def connectionLost(self, reason):
         self._stop_head_timer()
@@ -246,7 +279,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             if call is not None and call.active():
                 call.cancel()
         try:
-            super().connectionLost(reason)
+            _HTTPChannel.connectionLost(self, reason)
         finally:
             self.untrack()
 
