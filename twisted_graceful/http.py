@@ -51,13 +51,13 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
     _idle_close = None
     _lingering = None
     _closing = False
-    _head_timer = None
     _head_started = False  # bytes of a request's head have arrived
     _client_closes = False  # the client said this request is its last (Connection: close)
 
     def connectionMade(self):
         _HTTPChannel.connectionMade(self)
         self.track(getattr(self.site, "drain_tracker", None))
+        self._deadlines = getattr(self.site, "head_deadlines", None)
         self._start_head_timer()
 
     def in_transaction(self):
@@ -68,38 +68,25 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         return any(getattr(request, "_graceful_started", False) for request in self.requests)
 
     # --- request limits ------------------------------------------------
-    # One delayed call per connection bounds every head on it: armed when
-    # the connection opens (the first head's clock), pushed back (DelayedCall.reset, which costs no
-    # re-scheduling until it comes due) when the next head starts, and left
-    # to fire harmlessly in between: a keep-alive request costs no
-    # callLater/cancel of its own.
     _heads = 0  # heads completed on this connection
 
+    _deadlines = None  # the site's HeadDeadlines
+
     def _start_head_timer(self):
-        timeout = getattr(self.site, "header_timeout", None)
-        if not timeout or self._closing:
-            return
-        timer = self._head_timer
-        if timer is not None and timer.active():
-            timer.reset(timeout)
-        else:
-            self._head_timer = self.callLater(timeout, self._head_timer_due, timeout)
+        if self._deadlines is not None and not self._closing:
+            self._deadlines.start(self)
 
     def _stop_head_timer(self):
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
+        if self._deadlines is not None:
+            self._deadlines.stop(self)
 
     def _head_timer_due(self, timeout):
-        self._head_timer = None
         if self._closing or self.in_transaction():
             return
         if self._head_started:
             self._head_timed_out(timeout)
         elif not self._heads:
             self.loseConnection()  # a connection that never sent a byte: nothing to answer
-        # else: idle between requests; Twisted's idle timeout governs that
 
     def _head_timed_out(self, timeout):
         self._refuse(408, f"the request's head (request line and headers) did not arrive "
@@ -152,6 +139,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             super()._respondToBadRequestAndDisconnect()
 
     def allHeadersReceived(self):
+        self._stop_head_timer()
         self._head_started = False
         self._heads += 1
         limit = getattr(self.site, "max_body", None)
@@ -284,6 +272,63 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             self.untrack()
 
 
+class HeadDeadlines:
+    """
+    When each request head in progress on a site is due, and one delayed
+    call for all of them.
+
+    Every head gets the same timeout, so the order in which heads start is
+    the order in which they come due: a dict (insertion-ordered) is the
+    queue, and the one delayed call is for its oldest entry. A head costs an
+    insertion and a removal, not a C{callLater} and a C{cancel} per
+    connection (docs/benchmarks.md, "Per-request and per-connection cost").
+    The first head's clock starts with the connection (as nginx's
+    C{client_header_timeout}), a later head's with its first byte.
+    """
+
+    def __init__(self, reactor, timeout):
+        self._reactor = reactor
+        self.timeout = timeout
+        self._due = {}  # channel -> reactor time its head is due, oldest first
+        self._call = None
+
+    def start(self, channel):
+        due = self._due
+        due.pop(channel, None)
+        due[channel] = self._reactor.seconds() + self.timeout
+        if self._call is None:
+            self._call = self._reactor.callLater(self.timeout, self._expire)
+
+    def stop(self, channel):
+        self._due.pop(channel, None)
+
+    def __len__(self):
+        return len(self._due)
+
+    def _expire(self):
+        self._call = None
+        now = self._reactor.seconds()
+        due = self._due
+        while due:
+            channel, when = next(iter(due.items()))
+            if when > now:
+                self._call = self._reactor.callLater(when - now, self._expire)
+                return
+            del due[channel]
+            channel._head_timer_due(self.timeout)
+
+    def idle(self):
+        """
+        No head is pending: call the delayed call off (a site that stops
+        listening leaves nothing in the reactor; one whose draining
+        connections still read heads keeps it).
+        """
+        if not self._due and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+
 class GracefulSite(server.Site):
     """
     A L{Site} whose channels a L{DrainTracker} can drain.
@@ -300,6 +345,12 @@ class GracefulSite(server.Site):
         self.drain_tracker = drain_tracker
         self.max_body = max_body
         self.header_timeout = header_timeout
+        self.head_deadlines = HeadDeadlines(self.reactor, header_timeout) if header_timeout else None
+
+    def stopFactory(self):
+        server.Site.stopFactory(self)
+        if self.head_deadlines is not None:
+            self.head_deadlines.idle()
 
     def protocol(self):
         return GenericHTTPChannelProtocol(DrainableHTTPChannel())
