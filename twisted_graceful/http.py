@@ -284,6 +284,10 @@ class HeadDeadlines:
     connection (docs/benchmarks.md, "Per-request and per-connection cost").
     The first head's clock starts with the connection (as nginx's
     C{client_header_timeout}), a later head's with its first byte.
+
+    The delayed call stays armed (up to the timeout) after the last head is
+    done, not cancelled per connection; C{stopFactory} calls it off when no
+    head is pending. Tests of a site on the real reactor pass a L{Clock}.
     """
 
     def __init__(self, reactor, timeout):
