@@ -272,6 +272,9 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             self.untrack()
 
 
+TWISTED_LOG = "twisted"  # GracefulSite(access_log=...): twisted.web's own access log
+
+
 class HeadDeadlines:
     """
     When each request head in progress on a site is due, and one delayed
@@ -341,20 +344,41 @@ class GracefulSite(server.Site):
         beyond; L{None}: no limit).
     @param header_timeout: seconds a request's head may take to arrive (408
         beyond; L{None}: no limit).
+    @param access_log: where each request's line goes: L{TWISTED_LOG}
+        (the default: twisted.web's own, through twisted.logger), L{None}
+        (nowhere; C{twistd graceful}'s default), or a
+        L{twisted_graceful.access_log.BufferedAccessLog}.
     """
 
     def __init__(self, resource, drain_tracker=None, max_body=DEFAULT_MAX_BODY,
-                 header_timeout=DEFAULT_HEADER_TIMEOUT, **kwargs):
+                 header_timeout=DEFAULT_HEADER_TIMEOUT, access_log=TWISTED_LOG, **kwargs):
         server.Site.__init__(self, resource, **kwargs)
+        self.access_log = access_log
         self.drain_tracker = drain_tracker
         self.max_body = max_body
         self.header_timeout = header_timeout
         self.head_deadlines = HeadDeadlines(self.reactor, header_timeout) if header_timeout else None
 
+    def startFactory(self):
+        server.Site.startFactory(self)  # and the date of the lines, cached each second
+        if self.access_log is not TWISTED_LOG:
+            self._logFile = None  # not twisted.logger's
+            if self.access_log is not None:
+                self.access_log.start()
+
     def stopFactory(self):
         server.Site.stopFactory(self)
+        if self.access_log is not None and self.access_log is not TWISTED_LOG:
+            self.access_log.stop()
         if self.head_deadlines is not None:
             self.head_deadlines.idle()
+
+    def log(self, request):
+        access_log = self.access_log
+        if access_log is TWISTED_LOG:
+            server.Site.log(self, request)
+        elif access_log is not None:
+            access_log.write(self._logFormatter(self._logDateTime, request) + "\n")
 
     def protocol(self):
         return GenericHTTPChannelProtocol(DrainableHTTPChannel())
