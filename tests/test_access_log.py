@@ -185,3 +185,35 @@ class EndToEndTests(unittest.TestCase):
         server.wait_all_exited()
         self.assertNotIn("probe=access-log", server.output(last=10 ** 6))
         self.assertEqual(os.listdir(self.cwd).count("access.log"), 0)
+
+    def test_sigusr1_rotates_it(self):
+        server = self.start("--access-log", "access.log")
+        path = os.path.join(self.cwd, "access.log")
+        pid, ports = server.wait_listening(1)
+        self.assertEqual(http_get(ports["http"], "/?before")[0], 200)
+        server.signal(pid, signal.SIGUSR1)
+        server.wait_path(path + ".1")
+        self.assertEqual(http_get(ports["http"], "/?after")[0], 200)
+        server.signal(pid, signal.SIGTERM)
+        server.wait_all_exited()
+        with open(path + ".1") as f:
+            self.assertIn("/?before", f.read())
+        with open(path) as f:
+            rotated = f.read()
+        self.assertIn("/?after", rotated)
+        self.assertNotIn("/?before", rotated)
+
+    def test_workers_of_a_master_append_to_one_file(self):
+        server = self.start("--access-log", "access.log", "--workers", "1")
+        path = os.path.join(self.cwd, "access.log")
+        master = server.wait_pidfile()
+        _, ports = server.wait_listening(1)
+        self.assertEqual(http_get(ports["http"], "/?one")[0], 200)
+        server.signal(master, signal.SIGHUP)
+        server.wait_listening(2)  # a new worker: another process writing the file
+        self.assertEqual(http_get(ports["http"], "/?two")[0], 200)
+        server.signal(master, signal.SIGTERM)
+        server.wait_all_exited()
+        with open(path) as f:
+            paths = [COMBINED.match(line).group(1) for line in f.read().splitlines()]
+        self.assertEqual(paths, ["/?one", "/?two"])

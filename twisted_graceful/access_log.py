@@ -12,7 +12,9 @@ server's own log.
 A file is a L{twisted.python.logfile.LogFile}: opened in append mode
 (every generation writes at the end of the same file), rotated at
 L{ROTATE_LENGTH} bytes as twistd rotates C{twistd.log}, and on SIGUSR1 with
-it; once a newer generation writes to it, only that one rotates it.
+it; once a newer generation writes to it, only that one rotates it. Workers
+of a master never rotate it (several write it at once; an external
+C{logrotate} with C{copytruncate} can).
 """
 
 import os
@@ -79,7 +81,8 @@ class BufferedAccessLog:
         """
         if not self._loop.running:
             self._loop.start(self._flush_seconds, now=False)
-        if isinstance(self.target, logfile.LogFile) and not self._rotating:
+        if (isinstance(self.target, logfile.LogFile) and self.target.rotateLength is not None
+                and not self._rotating):
             self._rotating = True
             _rotate_on_sigusr1(self, self._reactor)
 
@@ -122,9 +125,11 @@ class _Stdout:
         pass
 
 
-def open_access_log(spec, reactor):
+def open_access_log(spec, reactor, rotate=True):
     """
     The L{BufferedAccessLog} C{spec} names, or L{None} for C{none}.
+    C{rotate=False} for a worker of a master: several workers write one
+    file, and two that rotated it would rename each other's files.
 
     @raise AccessLogError: the file cannot be opened.
     """
@@ -134,7 +139,7 @@ def open_access_log(spec, reactor):
         return BufferedAccessLog(_Stdout(), reactor)
     path = os.path.abspath(spec)
     try:
-        target = logfile.LogFile.fromFullPath(path, rotateLength=ROTATE_LENGTH)
+        target = logfile.LogFile.fromFullPath(path, rotateLength=ROTATE_LENGTH if rotate else None)
     except OSError as e:
         raise AccessLogError(f"--access-log {path}: {e.strerror or e}")
     return BufferedAccessLog(target, reactor)

@@ -239,7 +239,7 @@ def makeService(options):
                          max_line=options["max-line"])
     site = GracefulSite(root, drain_tracker=graceful.tracker, max_body=options["max-body"],
                         header_timeout=options["header-timeout"], access_log=None)
-    access_log = open_access_log(options["access-log"], reactor)
+    access_log = open_access_log(options["access-log"], reactor, rotate=not graceful.is_worker)
     if access_log is not None:
         log_when_serving(graceful, site, access_log)
     site.displayTracebacks = False
