@@ -81,7 +81,7 @@ class ConnectionGaugeTests(MetricsTestCase):
         self.assertEqual(self.value("graceful_open_connections", protocol="fake"), 0)
 
     def test_http_channel_requests_by_status_class(self):
-        site = GracefulSite(Page(), drain_tracker=self.graceful.tracker)
+        site = GracefulSite(Page(), drain_tracker=self.graceful.tracker, reactor=Clock())
         self.metrics.observe_http_site(site)
         emit(self.graceful, "serving", source="bound")
         self.assertEqual(self.value("graceful_open_connections", protocol="http"), 0)
@@ -102,7 +102,7 @@ class ConnectionGaugeTests(MetricsTestCase):
     def test_self_test_before_serving_not_counted(self):
         # Nothing is accepted before the process is ready: a request its site
         # answers meanwhile is the readiness self-test, not a client's.
-        site = GracefulSite(Page(), drain_tracker=self.graceful.tracker)
+        site = GracefulSite(Page(), drain_tracker=self.graceful.tracker, reactor=Clock())
         self.metrics.observe_http_site(site)
 
         def get():

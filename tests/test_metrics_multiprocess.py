@@ -85,7 +85,8 @@ class SharedDirectoryTestCase(unittest.TestCase):
         graceful.acquire()
         self.assertEqual(M.worker_directory(graceful), self.dir)
         metrics = M.GracefulMetrics(graceful, shared_dir=M.worker_directory(graceful))
-        site = metrics.observe_http_site(GracefulSite(Page(), drain_tracker=graceful.tracker))
+        site = metrics.observe_http_site(GracefulSite(Page(), drain_tracker=graceful.tracker,
+                                                         reactor=Clock()))
         txn = metrics.observe_txn_factory(TxnFactory(
             FakeStore(), FakeIdentity(), Clock(), drain_tracker=graceful.tracker,
             emit=lambda line: None))

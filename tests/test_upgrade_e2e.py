@@ -233,7 +233,7 @@ class NothingRefusedTests(unittest.TestCase):
                     results.append((status, pid_in(body)))
                 except Exception as e:  # a refused or reset request is a failure
                     results.append((repr(e), None))
-                if len(results) >= 5000:
+                if len(results) >= 50000:  # a bound; the deadline comes first
                     break
 
         thread = threading.Thread(target=client)
@@ -242,6 +242,8 @@ class NothingRefusedTests(unittest.TestCase):
         for generation in range(1, 6):
             start = len(results)
             while len(results) < start + 40:  # some requests inside each window
+                # (a client that stopped would leave this loop waiting for ever)
+                self.assertTrue(thread.is_alive(), f"the client stopped after {len(results)}")
                 time.sleep(0.01)
             server.signal(current, signal.SIGHUP)
             current = server.wait_handover(generation)

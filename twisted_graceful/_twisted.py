@@ -39,7 +39,15 @@ else (docs/design.md, "What the code relies on").
     (whose C{dataCallback}/C{finishCallback} count a chunked body), and
     C{LineReceiver._buffer}: Twisted answers those cases with a bare 400 or a
     silent close, and offers no hook. C{tests/test_http_limits.py} fails if
-    they change.
+    they change. To tell 414/431 from 400 without overriding
+    C{lineReceived} and C{headerReceived} (paid per header line), it
+    overrides C{HTTPChannel._respondToBadRequestAndDisconnect} and reads
+    C{_HTTPChannel__first_line}; to close a C{Connection: close} request
+    without lingering only when nothing followed it, C{_dataBuffer}.
+  - C{GracefulSite.log} (C{--access-log}) formats with C{Site._logFormatter}
+    and the date C{Site._logDateTime} caches, as C{HTTPFactory.log} does,
+    but writes to its own buffer instead of C{twisted.logger}
+    (C{tests/test_access_log.py}).
   - L{exit_on_usage_error}: twistd's C{app.run} before Twisted 26.10 prints a
     usage error and returns, so C{twistd graceful --port nonsense} exits 0
     (twisted#12656): a deploy script or systemd would take a refused start

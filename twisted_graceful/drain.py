@@ -45,8 +45,8 @@ class DrainableConnection:
     transport: Any = None  # the protocol's, once connected
 
     def track(self, tracker: Optional["DrainTracker"]) -> None:
-        self.drain_tracker = tracker
         if tracker is not None:
+            self.drain_tracker = tracker
             tracker.add(self)
 
     def untrack(self) -> None:
@@ -142,7 +142,8 @@ class DrainTracker:
     def __init__(self, reactor: Any, idle_grace: float = 1.0, progress_interval: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._reactor = reactor
-        self._connections: list[Any] = []  # IDrainableConnection providers
+        # IDrainableConnection providers -> None: ordered, and removed in O(1)
+        self._connections: dict[Any, None] = {}
         self.idle_grace = idle_grace
         self.progress_interval = progress_interval
         self._clock = clock
@@ -155,32 +156,35 @@ class DrainTracker:
         self._change_callbacks: list[Callable[[DrainTracker], None]] = []
 
     # --- registry -------------------------------------------------------
+    # add and remove run once per connection: no work for what is not there
+    # (a drain, a change callback).
     def add(self, conn: IDrainableConnection) -> None:
         if not IDrainableConnection.providedBy(conn):
             raise TypeError(
                 f"cannot drain {conn!r}: {type(conn).__name__} does not provide "
                 f"IDrainableConnection (mix in DrainableConnection, or declare "
                 f"@implementer(IDrainableConnection))")
-        self._connections.append(conn)
+        self._connections[conn] = None
         if self.draining and self.mode == TRANSACTION:
             # Accepted in the instant before the listener closed: serve what it
             # sends within the grace, then close like the others.
             conn.drain_state = "closing"
             conn.close_at_boundary(self.idle_grace)
-        self._changed()
+        if self._change_callbacks:
+            self._changed()
 
     def remove(self, conn: IDrainableConnection) -> None:
-        try:
-            self._connections.remove(conn)
-        except ValueError:
+        if self._connections.pop(conn, self) is self:
             return
         if self.report is not None:
             if conn.drain_state == "closing":
                 self.report.closed_by_server += 1
             elif conn.drain_state == "open":
                 self.report.closed_by_client += 1
-        self._changed()
-        self._check_done()
+        if self._change_callbacks:
+            self._changed()
+        if self._done is not None:
+            self._check_done()
 
     def __len__(self) -> int:
         return len(self._connections)

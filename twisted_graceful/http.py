@@ -35,19 +35,34 @@ _REASONS = {
 }
 
 
+# twisted.web.http is a deprecation proxy: every attribute read through it
+# costs a Python call, so the channel's base class is bound once.
+_HTTPChannel = http.HTTPChannel
+
+
+def _drop(*args):
+    """What a closing channel does with what it still receives."""
+
+
 class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
+    """
+    An L{http.HTTPChannel} that drains and bounds requests. Its overrides run
+    for every request and connection, so they call the base class directly
+    (cheaper than C{super()}) and do nothing for what is not there
+    (docs/benchmarks.md, "Per-request and per-connection cost").
+    """
+
     protocol_name = "http"
     _idle_close = None
     _lingering = None
     _closing = False
-    _head_timer = None
     _head_started = False  # bytes of a request's head have arrived
-    _head_lines = 0  # lines of the current head received
-    _heads = 0  # complete request heads received on this connection
+    _client_closes = False  # the client said this request is its last (Connection: close)
 
     def connectionMade(self):
-        super().connectionMade()
+        _HTTPChannel.connectionMade(self)
         self.track(getattr(self.site, "drain_tracker", None))
+        self._deadlines = getattr(self.site, "head_deadlines", None)
         self._start_head_timer()
 
     def in_transaction(self):
@@ -58,26 +73,29 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         return any(getattr(request, "_graceful_started", False) for request in self.requests)
 
     # --- request limits ------------------------------------------------
+    _heads = 0  # heads completed on this connection
+
+    _deadlines = None  # the site's HeadDeadlines
+
     def _start_head_timer(self):
-        timeout = getattr(self.site, "header_timeout", None)
-        if timeout and self._head_timer is None and not self._closing:
-            self._head_timer = self.callLater(timeout, self._head_timed_out, timeout)
+        if self._deadlines is not None and not self._closing:
+            self._deadlines.start(self)
 
     def _stop_head_timer(self):
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
+        if self._deadlines is not None:
+            self._deadlines.stop(self)
 
-    def _head_timed_out(self, timeout):
-        self._head_timer = None
+    def _head_timer_due(self, timeout):
         if self._closing or self.in_transaction():
             return
         if self._head_started:
-            self._refuse(408, f"the request's head (request line and headers) did not arrive "
-                              f"within {timeout:g} s")
-        else:
+            self._head_timed_out(timeout)
+        elif not self._heads:
             self.loseConnection()  # a connection that never sent a byte: nothing to answer
+
+    def _head_timed_out(self, timeout):
+        self._refuse(408, f"the request's head (request line and headers) did not arrive "
+                          f"within {timeout:g} s")
 
     def _refuse(self, code, text):
         """
@@ -87,6 +105,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self._closing:
             return
         self._stop_head_timer()
+        self._client_closes = False  # what it still sends is unread: linger
         body = (text + "\n").encode("utf-8")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -96,41 +115,38 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         self.loseConnection()
 
     def _head_too_big(self):
-        if self._head_lines == 0:
+        if self._HTTPChannel__first_line:
             self._refuse(414, f"the request line is too long (over {self.MAX_LENGTH} bytes)")
         else:
             self._refuse(431, f"the request's header block is too big (at most "
                               f"{self.maxHeaders} headers, {self.totalHeadersSize} bytes in all)")
 
     def dataReceived(self, data):
-        if data and self.line_mode and not self._handlingRequest:
-            # Bytes of a request's head: its clock starts with the first one.
+        if not self._head_started and data and self.line_mode and not self._handlingRequest:
+            # Bytes of a request's head. The first head's clock started with
+            # the connection (as nginx's client_header_timeout); a later
+            # one's starts with its first byte.
             self._head_started = True
-            self._start_head_timer()
-        super().dataReceived(data)
+            if self._heads:
+                self._start_head_timer()
+        _HTTPChannel.dataReceived(self, data)
 
     def lineLengthExceeded(self, line):
         self._head_too_big()
 
-    def lineReceived(self, line):
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+    def _respondToBadRequestAndDisconnect(self):
+        # Twisted's one answer (a bare 400) to every bad head; a head over
+        # the limits gets the code that says which limit (414, 431).
+        if (self._receivedHeaderSize > self.totalHeadersSize
+                or self._receivedHeaderCount > self.maxHeaders):
             self._head_too_big()
-            return
-        if line or self._head_lines:
-            self._head_lines += 1
-        super().lineReceived(line)
-
-    def headerReceived(self, line):
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self._head_too_big()
-            return False
-        return super().headerReceived(line)
+        else:
+            super()._respondToBadRequestAndDisconnect()
 
     def allHeadersReceived(self):
         self._stop_head_timer()
-        self._heads += 1
-        self._head_lines = 0
         self._head_started = False
+        self._heads += 1
         limit = getattr(self.site, "max_body", None)
         if limit is not None and self.length is not None and self.length > limit:
             # Refused on its Content-Length, before a byte of the body is read
@@ -143,7 +159,7 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         decoder = self._transferDecoder
         if limit is not None and decoder is not None and hasattr(decoder, "dataCallback"):
             self._count_body(decoder, limit)
-        super().allHeadersReceived()
+        _HTTPChannel.allHeadersReceived(self)
 
     def _length_text(self):
         request = self.requests[-1] if self.requests else None
@@ -173,13 +189,6 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             deliver(data)
 
         decoder.dataCallback = counted
-
-    def requestDone(self, request):
-        super().requestDone(request)
-        if not self._closing and self.line_mode and self._buffer:
-            # Part of the next request's head was read with this one.
-            self._head_started = True
-            self._start_head_timer()
 
     def close_at_boundary(self, idle_grace):
         """
@@ -237,7 +246,9 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self.draining and self.drain_state != "open":
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
-        return super().checkPersistence(request, version)
+        persistent = _HTTPChannel.checkPersistence(self, request, version)
+        self._client_closes = not persistent
+        return persistent
 
     def loseConnection(self):
         """
@@ -252,8 +263,16 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
         if self._idle_close is not None and self._idle_close.active():
             self._idle_close.cancel()
         self._networkProducer.unregisterProducer()
-        self.dataReceived = self.lineReceived = self.rawDataReceived = lambda *a: None
-        self._lingering = close_in_stages(self.transport, self.callLater)
+        self.dataReceived = self.lineReceived = self.rawDataReceived = _drop
+        if self._client_closes and not self._buffer and not self._dataBuffer:
+            # The client said its request was its last and sent nothing
+            # after it: it reads nothing more. Close as bare twisted.web and
+            # nginx's lingering_close heuristic do, without the half-close
+            # and its linger (a delayed call, a wake-up and a read per
+            # connection).
+            self.transport.loseConnection()
+        else:
+            self._lingering = close_in_stages(self.transport, self.callLater)
 
     def connectionLost(self, reason):
         self._stop_head_timer()
@@ -261,9 +280,73 @@ class DrainableHTTPChannel(DrainableConnection, http.HTTPChannel):
             if call is not None and call.active():
                 call.cancel()
         try:
-            super().connectionLost(reason)
+            _HTTPChannel.connectionLost(self, reason)
         finally:
             self.untrack()
+
+
+TWISTED_LOG = "twisted"  # GracefulSite(access_log=...): twisted.web's own access log
+
+
+class HeadDeadlines:
+    """
+    When each request head in progress on a site is due, and one delayed
+    call for all of them.
+
+    Every head gets the same timeout, so the order in which heads start is
+    the order in which they come due: a dict (insertion-ordered) is the
+    queue, and the one delayed call is for its oldest entry. A head costs an
+    insertion and a removal, not a C{callLater} and a C{cancel} per
+    connection (docs/benchmarks.md, "Per-request and per-connection cost").
+    The first head's clock starts with the connection (as nginx's
+    C{client_header_timeout}), a later head's with its first byte.
+
+    The delayed call stays armed (up to the timeout) after the last head is
+    done, not cancelled per connection; C{stopFactory} calls it off when no
+    head is pending. Tests of a site on the real reactor pass a L{Clock}.
+    """
+
+    def __init__(self, reactor, timeout):
+        self._reactor = reactor
+        self.timeout = timeout
+        self._due = {}  # channel -> reactor time its head is due, oldest first
+        self._call = None
+
+    def start(self, channel):
+        due = self._due
+        due.pop(channel, None)
+        due[channel] = self._reactor.seconds() + self.timeout
+        if self._call is None:
+            self._call = self._reactor.callLater(self.timeout, self._expire)
+
+    def stop(self, channel):
+        self._due.pop(channel, None)
+
+    def __len__(self):
+        return len(self._due)
+
+    def _expire(self):
+        self._call = None
+        now = self._reactor.seconds()
+        due = self._due
+        while due:
+            channel, when = next(iter(due.items()))
+            if when > now:
+                self._call = self._reactor.callLater(when - now, self._expire)
+                return
+            del due[channel]
+            channel._head_timer_due(self.timeout)
+
+    def idle(self):
+        """
+        No head is pending: call the delayed call off (a site that stops
+        listening leaves nothing in the reactor; one whose draining
+        connections still read heads keeps it).
+        """
+        if not self._due and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
 
 
 class GracefulSite(server.Site):
@@ -274,17 +357,45 @@ class GracefulSite(server.Site):
         beyond; L{None}: no limit).
     @param header_timeout: seconds a request's head may take to arrive (408
         beyond; L{None}: no limit).
+    @param access_log: where each request's line goes: L{TWISTED_LOG}
+        (the default: twisted.web's own, through twisted.logger), L{None}
+        (nowhere; C{twistd graceful}'s default), or a
+        L{twisted_graceful.access_log.BufferedAccessLog}.
     """
 
     def __init__(self, resource: IResource, drain_tracker: Optional[DrainTracker] = None,
                  max_body: Optional[int] = DEFAULT_MAX_BODY,
                  header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
-                 protocol_name: str = "http", **kwargs: Any) -> None:
+                 protocol_name: str = "http", access_log: Any = TWISTED_LOG,
+                 **kwargs: Any) -> None:
         server.Site.__init__(self, resource, **kwargs)
+        self.access_log = access_log
         self.drain_tracker = drain_tracker
         self.max_body = max_body
         self.header_timeout = header_timeout
         self.protocol_name = protocol_name  # how the drain and the metrics name its connections
+        self.head_deadlines = HeadDeadlines(self.reactor, header_timeout) if header_timeout else None
+
+    def startFactory(self):
+        server.Site.startFactory(self)  # and the date of the lines, cached each second
+        if self.access_log is not TWISTED_LOG:
+            self._logFile = None  # not twisted.logger's
+            if self.access_log is not None:
+                self.access_log.start()
+
+    def stopFactory(self):
+        server.Site.stopFactory(self)
+        if self.access_log is not None and self.access_log is not TWISTED_LOG:
+            self.access_log.stop()
+        if self.head_deadlines is not None:
+            self.head_deadlines.idle()
+
+    def log(self, request):
+        access_log = self.access_log
+        if access_log is TWISTED_LOG:
+            server.Site.log(self, request)
+        elif access_log is not None:
+            access_log.write(self._logFormatter(self._logDateTime, request) + "\n")
 
     def protocol(self):
         channel = DrainableHTTPChannel()

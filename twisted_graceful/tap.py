@@ -8,6 +8,7 @@ import sys
 from twisted.python import usage
 
 from twisted_graceful._twisted import exit_on_usage_error
+from twisted_graceful.access_log import check_access_log, log_when_serving, open_access_log
 from twisted_graceful.command import next_generation_command
 from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.hello import HelloResource, ServerIdentity
@@ -119,6 +120,9 @@ class Options(usage.Options):
         ["workers", "w", "1", "Worker processes: N (>= 1) under a master that owns the ports "
          "and never leaves, auto (one per CPU), or 0 (no master: the process replaces itself "
          "on each upgrade)"],
+        ["access-log", None, "none", "HTTP access log: a file (combined log format, "
+         "buffered, rotated with twistd.log), - (standard output) or none (the metrics count "
+         "requests either way)"],
         ["log-format", None, "text", "Log format: text, or json (twisted.logger JSON, one event "
          "per line; same as twistd --logger twisted_graceful.logs.json_observer)"],
     ]
@@ -194,6 +198,11 @@ class Options(usage.Options):
             # command line.
             logs.configure(self.parent.get("logfile"), self.parent.get("nodaemon"))
             self.parent["logger"] = "twisted_graceful.logs.json_observer"
+        problem = check_access_log(self["access-log"])
+        if problem is not None:
+            raise usage.UsageError(problem)
+        if self["access-log"] not in ("none", "-"):
+            self["access-log"] = os.path.abspath(self["access-log"])  # generations share it
         if self["drain"] not in DRAIN_MODES:
             raise usage.UsageError(
                 f"--drain must be one of {', '.join(DRAIN_MODES)}, not {self['drain']!r}"
@@ -294,7 +303,10 @@ def makeService(options):
                          store=store, allow_remote_writes=options["allow-remote-writes"],
                          max_line=options["max-line"])
     site = GracefulSite(root, drain_tracker=graceful.tracker, max_body=options["max-body"],
-                        header_timeout=options["header-timeout"])
+                        header_timeout=options["header-timeout"], access_log=None)
+    access_log = open_access_log(options["access-log"], reactor, rotate=not graceful.is_worker)
+    if access_log is not None:
+        log_when_serving(graceful, site, access_log)
     site.displayTracebacks = False
     graceful.add_listener("http", options["port"], site, option="--port")
     graceful.add_readiness_check(HTTPSelfTest(reactor, site))

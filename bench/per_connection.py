@@ -1,0 +1,137 @@
+"""
+Throughput of graceful against a bare C{twistd web} serving the same
+resource, with keep-alive and with a new connection per request
+(C{Connection: close}), by wrk in interleaved rounds (one server at a time;
+the median of the per-round ratios), for each C{--access-log} choice:
+
+    python -m bench.per_connection --rounds 5 --seconds 8 --connections 32
+
+Each graceful is C{--workers 1} (the default: a master and one worker);
+the bare C{twistd web} writes its access log through twisted.logger, as it
+does by default (to /dev/null here, as graceful's C{-}). Instruction counts,
+which do not depend on the machine's load, come from
+C{bench.worker_instructions --mode fresh|keepalive}. Loopback only; every
+run is bounded by C{--seconds}.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.reload import REPO, TWISTD
+
+ACCESS_LOGS = ("none", "file", "-")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            return s.recv(100).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def start(name, cwd, access_log=None):
+    port = free_port()
+    twistd = [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, name + ".pid")]
+    if name == "bare":
+        args = ["web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--class",
+                "bench.reload.BareHello"]
+    else:
+        log = os.path.join(cwd, name + ".access.log") if access_log == "file" else access_log
+        args = ["graceful", "--port", f"tcp:{port}:interface=127.0.0.1", "--txn-port",
+                "tcp:0:interface=127.0.0.1", "--metrics-port", "tcp:0:interface=127.0.0.1",
+                "--slow-every", "0", "--db", os.path.join(cwd, name + ".sqlite3"),
+                "--workers", "1", "--access-log", log]
+    proc = subprocess.Popen(twistd + args, cwd=cwd, env=dict(os.environ, PYTHONPATH=REPO),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not answers(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"{name} never answered on port {port}")
+        time.sleep(0.05)  # nothing to wait on but the port
+    return proc, port
+
+
+def wrk(port, seconds, connections, close):
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
+    if close:
+        command += ["-H", "Connection: close"]
+    out = subprocess.run(command + [f"http://127.0.0.1:{port}/"], capture_output=True,
+                         text=True, timeout=seconds + 30).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(m.group(1)) if m else None
+
+
+def run(opts):
+    cwd = tempfile.mkdtemp(prefix="per-connection-")
+    servers = {}
+    try:
+        servers["bare"] = start("bare", cwd)
+        for choice in opts.access_logs:
+            servers[f"graceful-{choice}"] = start(f"graceful-{choice}", cwd, choice)
+        result = {"rounds": opts.rounds, "seconds": opts.seconds,
+                  "connections": opts.connections, "modes": {}}
+        for mode, close in (("keepalive", False), ("close", True)):
+            rps = {name: [] for name in servers}
+            for _ in range(opts.rounds):
+                for name, (_, port) in servers.items():
+                    rps[name].append(wrk(port, opts.seconds, opts.connections, close))
+            ratios = {name: [g / b for g, b in zip(values, rps["bare"]) if g and b]
+                      for name, values in rps.items() if name != "bare"}
+            result["modes"][mode] = {
+                "req_per_s_median": {n: statistics.median(v) for n, v in rps.items()
+                                     if all(v)},
+                "ratio_to_bare_median": {n: statistics.median(r) for n, r in ratios.items()
+                                         if r},
+                "ratios": ratios}
+        return result
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.per_connection", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=int, default=8)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--access-logs", default="none,file",
+                   help="graceful's --access-log choices to run, of none,file,-")
+    opts = p.parse_args(argv)
+    opts.access_logs = [a for a in opts.access_logs.split(",") if a]
+    bad = [a for a in opts.access_logs if a not in ACCESS_LOGS]
+    if bad:
+        raise SystemExit(f"--access-logs: unknown {', '.join(bad)} (of {', '.join(ACCESS_LOGS)})")
+    if not shutil.which("wrk"):
+        raise SystemExit("needs wrk (apt-get install wrk)")
+    print(json.dumps(run(opts), indent=1))
+
+
+if __name__ == "__main__":
+    main()
