@@ -67,7 +67,7 @@ def make_status_file(directory):
 
 def rewrite(path, count, sync=False):
     mine = entry(os.getpid(), "worker", 2)
-    for n in range(count):
+    for _ in range(count):
         mine["live"]["requests"] += 1
         update_status_file(path, os.getpid(), mine, sync=sync)
 
@@ -104,7 +104,8 @@ def main(argv=None):
         rewrite(path, 1)
         report = {"status_file_bytes": os.path.getsize(path), "writes": args.writes}
         for sync in (False, True):
-            seconds = timeit.timeit(lambda: rewrite(path, 1, sync=sync), number=args.writes)
+            seconds = timeit.timeit(lambda sync=sync: rewrite(path, 1, sync=sync),
+                                    number=args.writes)
             report[f"ms_per_write_{'fsync' if sync else 'no_fsync'}"] = round(
                 seconds / args.writes * 1000, 3)
         if shutil.which("valgrind"):

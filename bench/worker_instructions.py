@@ -118,7 +118,7 @@ def top_functions(files, count):
     annotate = shutil.which("callgrind_annotate")
     if not annotate or not files or not count:
         return []
-    out = subprocess.run([annotate, "--inclusive=yes", f"--threshold=100", *files],
+    out = subprocess.run([annotate, "--inclusive=yes", "--threshold=100", *files],
                          capture_output=True, text=True).stdout
     rows = []
     for line in out.splitlines():

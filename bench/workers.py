@@ -31,6 +31,9 @@ import sys
 import tempfile
 import time
 
+from twisted_graceful.master import STABLE_SECONDS
+from twisted_graceful.statusfile import read_status
+
 from bench.reload import (
     REPO,
     TWISTD,
@@ -41,8 +44,6 @@ from bench.reload import (
     run_and_report,
     txn_client,
 )
-from twisted_graceful.master import STABLE_SECONDS
-from twisted_graceful.statusfile import read_status
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -285,7 +286,7 @@ async def throughput(opts, workdir):
                 "worker_balance": statistics.median(r["balance"] or 0 for r in rs),
             }
         base = med["workers1"]
-        for name, r in med.items():
+        for r in med.values():
             r["ratio"] = r["rps"] / base["rps"]
             r["cpu_per_request_ratio"] = (r["server_cpu_us_per_request"]
                                           / base["server_cpu_us_per_request"])
@@ -429,7 +430,8 @@ def print_report(report):
                 print(f"  {mode:9} {name:22} {r['rps']:7.0f} req/s (ratio {r['ratio']:.2f}); "
                       f"server {r['server_cpu_s']:.1f} CPU s, "
                       f"{r['server_cpu_us_per_request']:.0f} us/request "
-                      f"({r['cpu_per_request_ratio']:.2f}), balance {r['worker_balance']:.2f}; wrk {r['wrk_cpu_s']:.1f} CPU s; "
+                      f"({r['cpu_per_request_ratio']:.2f}), balance {r['worker_balance']:.2f}; "
+                      f"wrk {r['wrk_cpu_s']:.1f} CPU s; "
                       f"socket errors {r['socket_errors']}")
     u = report.get("under_load")
     if u is not None:

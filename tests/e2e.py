@@ -19,8 +19,8 @@ import tempfile
 import threading
 import time
 
-from twisted_graceful.statusfile import STATUS_SUFFIX, read_status
 from twisted_graceful.pidfile import pid_alive  # noqa: F401 (tests import it from here)
+from twisted_graceful.statusfile import STATUS_SUFFIX, read_status
 
 # The twistd script installed with this interpreter (a `twistd` found on PATH
 # may be a version manager's shell shim, which this interpreter cannot run).

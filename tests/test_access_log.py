@@ -14,12 +14,18 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial import unittest
 
-from tests.e2e import ServerProcess, http_get, metric_value
-from tests.test_metrics import MetricsTestCase, Page, emit
 from twisted_graceful import tap
 from twisted_graceful.access_log import (
-    FLUSH_SECONDS, MAX_BUFFERED, BufferedAccessLog, check_access_log, open_access_log)
+    FLUSH_SECONDS,
+    MAX_BUFFERED,
+    BufferedAccessLog,
+    check_access_log,
+    open_access_log,
+)
 from twisted_graceful.http import GracefulSite
+
+from tests.e2e import ServerProcess, http_get, metric_value
+from tests.test_metrics import MetricsTestCase, Page, emit
 
 # twisted.web's combinedLogFormatter: the client's address is quoted.
 COMBINED = re.compile(r'^"[0-9.]+" - - \[[^]]+\] "GET (\S+) HTTP/1\.1" (\d{3}) \d+ "-" "[^"]*"$')

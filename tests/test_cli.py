@@ -12,8 +12,8 @@ import sys
 from twisted.trial import unittest
 
 from twisted_graceful import cli
-from twisted_graceful.statusfile import read_status, update_status_file
 from twisted_graceful.pidfile import write_pidfile
+from twisted_graceful.statusfile import read_status, update_status_file
 
 OLD, NEW = 1000, 2000
 

@@ -15,8 +15,15 @@ from twisted_graceful import handoff
 from twisted_graceful._twisted import adopt_listening_port
 from twisted_graceful.datagram import PingProtocol, self_test_ping
 from twisted_graceful.listeners import (
-    DATAGRAM, STREAM, TLS, ListenerError, bind_listener, check_listening_socket,
-    describe_socket, parse_listen_description)
+    DATAGRAM,
+    STREAM,
+    TLS,
+    ListenerError,
+    bind_listener,
+    check_listening_socket,
+    describe_socket,
+    parse_listen_description,
+)
 
 
 class ParseTests(SynchronousTestCase):

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import resource
 
 from twisted_graceful.drain import TRANSACTION, DrainTracker
 from twisted_graceful.http import GracefulSite

@@ -12,11 +12,12 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from tests.test_drain import FakeConnection
 from twisted_graceful import lifecycle as LC
 from twisted_graceful import lineage as L
 from twisted_graceful.drain import DrainTracker
 from twisted_graceful.pidfile import read_pid
+
+from tests.test_drain import FakeConnection
 
 PARENT = 100
 

@@ -16,8 +16,9 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, ServerProcess, http_get, pid_in
 from twisted_graceful.master import STOPPED_TIMEOUT
+
+from tests.e2e import REPO, ServerProcess, http_get, pid_in
 
 DRAIN_TIMEOUT = 10
 ABORT_GRACE = 2

@@ -14,11 +14,12 @@ from twisted.trial import unittest
 from twisted.web import resource
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.test_drain import FakeConnection
-from tests.test_txn_protocol import FakeIdentity, FakeStore
 from twisted_graceful.drain import DrainReport
 from twisted_graceful.http import GracefulSite
+from twisted_graceful.inherit import Inheritance
+from twisted_graceful.lifecycle import UpgradeOutcome
 from twisted_graceful.metrics import RELOADS_ENV, GracefulMetrics
+from twisted_graceful.service import GracefulService
 from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
@@ -26,10 +27,10 @@ from twisted_graceful.statusfile import (
     read_status,
     update_status_file,
 )
-from twisted_graceful.inherit import Inheritance
-from twisted_graceful.service import GracefulService
 from twisted_graceful.txn import TxnFactory
-from twisted_graceful.lifecycle import UpgradeOutcome
+
+from tests.test_drain import FakeConnection
+from tests.test_txn_protocol import FakeIdentity, FakeStore
 
 
 class Page(resource.Resource):

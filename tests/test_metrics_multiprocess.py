@@ -17,10 +17,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from tests.test_drain import FakeConnection
-from tests.test_metrics import Page, emit
-from tests.test_service import SpawningReactor
-from tests.test_txn_protocol import FakeIdentity, FakeStore
 from twisted_graceful import metrics as M
 from twisted_graceful.drain import DrainReport
 from twisted_graceful.handoff import HANDOFF_VARIABLES, WORKER
@@ -30,6 +26,11 @@ from twisted_graceful.lifecycle import SERVING, STARTING, UpgradeOutcome
 from twisted_graceful.master import MasterService
 from twisted_graceful.service import GracefulService
 from twisted_graceful.txn import TxnFactory
+
+from tests.test_drain import FakeConnection
+from tests.test_metrics import Page, emit
+from tests.test_service import SpawningReactor
+from tests.test_txn_protocol import FakeIdentity, FakeStore
 
 MASTER_PID = 900
 

@@ -14,9 +14,9 @@ from zope.interface import implementer
 
 from twisted_graceful.drain import DrainTracker
 from twisted_graceful.interfaces import IDrainableConnection
+from twisted_graceful.lifecycle import UpgradeOutcome
 from twisted_graceful.notify import SdNotifier, install_sd_notify, notify_address, sd_notify
 from twisted_graceful.service import GracefulService
-from twisted_graceful.lifecycle import UpgradeOutcome
 
 from tests.e2e import short_temp_dir
 

@@ -22,9 +22,10 @@ import time
 
 from twisted.trial import unittest
 
+from twisted_graceful.top import CLEAR
+
 from tests.e2e import REPO, ServerProcess, unless_required
 from tests.test_txn_e2e import COMMITTED, DRAINING, TxnClient
-from twisted_graceful.top import CLEAR
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 TIMEOUT = 60.0

@@ -13,8 +13,6 @@ import re
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.test_drain import FakeConnection
-from tests.test_metrics import emit, make_service
 from twisted_graceful.drain import DrainReport
 from twisted_graceful.lifecycle import UpgradeOutcome
 from twisted_graceful.metrics import GracefulMetrics
@@ -23,6 +21,9 @@ from twisted_graceful.statusfile import ProcessStatus, StatusFile, read_status
 from twisted_graceful.statuspage import OverviewResource, StatusPage
 from twisted_graceful.timeline import UpgradeTimeline
 from twisted_graceful.top import CLEAR, frame, top
+
+from tests.test_drain import FakeConnection
+from tests.test_metrics import emit, make_service
 
 
 class FakeClock:

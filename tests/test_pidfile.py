@@ -9,7 +9,6 @@ import tempfile
 from twisted.scripts import _twistd_unix
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_graceful import pidfile
 from twisted_graceful import _twisted
 from twisted_graceful._twisted import protect_twistd_pidfile
 from twisted_graceful.pidfile import (

@@ -13,14 +13,14 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests.test_drain import FakeConnection
-
 from twisted_graceful.handoff import HandoffError
-from twisted_graceful.listeners import address_mismatch, parse_listen_description
 from twisted_graceful.inherit import Inheritance
 from twisted_graceful.lineage import Lineage
+from twisted_graceful.listeners import address_mismatch, parse_listen_description
 from twisted_graceful.pidfile import read_pid
 from twisted_graceful.service import GracefulService
+
+from tests.test_drain import FakeConnection
 
 
 class InheritanceTests(unittest.SynchronousTestCase):

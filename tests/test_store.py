@@ -14,7 +14,6 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests import pg
 from twisted_graceful.store import (
     CommitOutcomeUnknown,
     KeyReused,
@@ -23,10 +22,12 @@ from twisted_graceful.store import (
     TransactionFailed,
     advisory_key,
     apply_ops,
-    redact,
     keys_of,
     parse_integer,
+    redact,
 )
+
+from tests import pg
 
 
 class ApplyOpsTests(unittest.TestCase):

@@ -16,8 +16,8 @@ from twisted.python.systemd import ListenFDs
 from twisted.trial import unittest
 
 from twisted_graceful import systemd
-from twisted_graceful.listeners import ListenerError, parse_listen_description
 from twisted_graceful.inherit import Inheritance
+from twisted_graceful.listeners import ListenerError, parse_listen_description
 
 from tests.e2e import short_temp_dir
 

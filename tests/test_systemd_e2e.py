@@ -21,7 +21,14 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import (
-    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, http_get, pid_in,
+    MARKER_ENV,
+    REPO,
+    TWISTD,
+    ClearErrorMixin,
+    ServerProcess,
+    free_port,
+    http_get,
+    pid_in,
     wait_tcp_listening,
 )
 from tests.test_notify import NotifySocket

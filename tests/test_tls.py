@@ -14,10 +14,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.certs import write_certificate
 from twisted_graceful.drain import close_in_stages
 from twisted_graceful.listeners import TLS, ListenerError, parse_listen_description
 from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
+
+from tests.certs import write_certificate
 
 
 def tls_spec(description):
@@ -180,9 +181,10 @@ class LibraryTests(TestCase):
     """
 
     def start(self, cert_name="cert.pem"):
-        from tests.test_service import SpawningReactor
         from twisted_graceful.inherit import Inheritance
         from twisted_graceful.service import GracefulService
+
+        from tests.test_service import SpawningReactor
 
         class Recording(SpawningReactor):
             factories = []
@@ -252,10 +254,11 @@ class DrainTests(SynchronousTestCase):
     def setUp(self):
         from twisted.internet.task import Clock
 
-        from tests.test_http import Identity
         from twisted_graceful.drain import DrainTracker
         from twisted_graceful.hello import HelloResource
         from twisted_graceful.http import GracefulSite
+
+        from tests.test_http import Identity
 
         self.clock = Clock()
         self.tracker = DrainTracker(self.clock, idle_grace=1.0, progress_interval=0,

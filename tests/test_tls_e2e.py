@@ -16,8 +16,16 @@ from twisted.trial import unittest
 
 from tests.certs import client_context, peer_common_name, write_certificate
 from tests.e2e import (
-    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, listener_ports, pid_in,
-    wait_tcp_listening)
+    MARKER_ENV,
+    REPO,
+    TWISTD,
+    ClearErrorMixin,
+    ServerProcess,
+    free_port,
+    listener_ports,
+    pid_in,
+    wait_tcp_listening,
+)
 from tests.test_systemd_e2e import SOCKET_ACTIVATE
 from tests.test_udp_e2e import reload
 

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from twisted_graceful.drain import CONNECTION, TRANSACTION, DrainTracker
+from twisted_graceful.drain import CONNECTION, LINGER_SECONDS, TRANSACTION, DrainTracker
 from twisted_graceful.store import (
     CommitOutcomeUnknown,
     CommitResult,
@@ -25,7 +25,6 @@ from twisted_graceful.store import (
     apply_ops,
     keys_of,
 )
-from twisted_graceful.drain import LINGER_SECONDS
 from twisted_graceful.txn import TxnFactory
 
 

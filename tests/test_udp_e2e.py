@@ -18,8 +18,15 @@ from twisted.trial import unittest
 
 from tests.datagrams import PingLoad, udp_drops
 from tests.e2e import (
-    MARKER_ENV, REPO, TWISTD, ClearErrorMixin, ServerProcess, free_port, listener_ports,
-    wait_tcp_listening)
+    MARKER_ENV,
+    REPO,
+    TWISTD,
+    ClearErrorMixin,
+    ServerProcess,
+    free_port,
+    listener_ports,
+    wait_tcp_listening,
+)
 from tests.test_systemd_e2e import LAUNCHER, SOCKET_ACTIVATE
 
 UPGRADES = 5
@@ -59,7 +66,7 @@ class PingsThroughUpgradesMixin:
         self.addCleanup(load.stop, 0)
         if started is not None:
             started()
-        for n in range(upgrades):
+        for _ in range(upgrades):
             result = reload(server)
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr
                              + server.output(40))
@@ -162,8 +169,9 @@ class UpgradeTests(PingsThroughUpgradesMixin, unittest.TestCase):
             sock.sendto(b"<13>Dec  4 03:00:00 host app: a log line", ("127.0.0.1", port))
             sock.sendto(b"PING x", ("127.0.0.1", port))
             self.assertEqual(sock.recvfrom(512)[0], b"PONG x pid %d generation 1\n" % pid)
-        from tests.e2e import metric_value
         import urllib.request
+
+        from tests.e2e import metric_value
 
         with urllib.request.urlopen(
                 f"http://127.0.0.1:{listener_ports(entry)['metrics']}/metrics", timeout=10) as r:

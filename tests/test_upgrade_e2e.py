@@ -14,7 +14,13 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import (
-    ClearErrorMixin, ServerProcess, TacApp, graceful_options, http_get, pid_alive, pid_in,
+    ClearErrorMixin,
+    ServerProcess,
+    TacApp,
+    graceful_options,
+    http_get,
+    pid_alive,
+    pid_in,
     run_twistd,
 )
 

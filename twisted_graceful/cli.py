@@ -27,8 +27,8 @@ import time
 from collections.abc import Sequence
 from typing import Optional, TextIO
 
-from twisted_graceful.statusfile import read_status, status_path
 from twisted_graceful.pidfile import pid_alive, read_pid
+from twisted_graceful.statusfile import read_status, status_path
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -23,8 +23,7 @@ import re
 import socket
 import stat
 
-from twisted_graceful.listeners import (
-    ListenerError, check_listening_socket, fd_limit, shorten)
+from twisted_graceful.listeners import ListenerError, check_listening_socket, fd_limit, shorten
 
 LISTENERS_ENV = "GRACEFUL_LISTENERS"  # "http=3,txn=5": listener name = fd
 READY_FD_ENV = "GRACEFUL_READY_FD"  # the write end of the ready pipe

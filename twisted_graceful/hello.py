@@ -266,8 +266,13 @@ class KVResource(resource.Resource):
         another write is 422.
         """
         from twisted_graceful.store import (
-            CommitOutcomeUnknown, KeyReused, StoreUnusable, TransactionFailed,
-            idempotency_key_problem, parse_integer)
+            CommitOutcomeUnknown,
+            KeyReused,
+            StoreUnusable,
+            TransactionFailed,
+            idempotency_key_problem,
+            parse_integer,
+        )
 
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         client = request.getClientAddress()

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted_graceful import handoff
 from twisted_graceful._twisted import protect_twistd_pidfile, watch_adopted_child
 from twisted_graceful.command import resolve_command
+from twisted_graceful.interfaces import ILifecycleObserver, require_callable
 from twisted_graceful.lifecycle import (
     EXITED,
     SERVING,
@@ -40,7 +41,6 @@ from twisted_graceful.lifecycle import (
     StateMachine,
     stop_reactor,
 )
-from twisted_graceful.interfaces import ILifecycleObserver, require_callable
 from twisted_graceful.listeners import describe_socket
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
 from twisted_graceful.pidfile import remove_pidfile_if_own

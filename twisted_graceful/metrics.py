@@ -50,7 +50,6 @@ from twisted.web import resource
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
 from twisted_graceful.lifecycle import STARTING, STATES
-from twisted_graceful.statuspage import OverviewResource, StatusPage
 from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
@@ -58,6 +57,7 @@ from twisted_graceful.statusfile import (
     read_status,
     status_path,
 )
+from twisted_graceful.statuspage import OverviewResource, StatusPage
 
 RELOADS_ENV = "GRACEFUL_RELOADS"
 RELOAD_RESULTS = ("ok", "failed", "timeout")
@@ -283,8 +283,9 @@ class GracefulMetrics:
         The expiry of each TLS listener's certificate, as this process serves
         it (under a master, the worker that started last: the newest set).
         """
-        certificates = {name: l.certificate for name, l in self.graceful.listeners.items()
-                        if getattr(l.spec, "role", None) == "tls"}
+        certificates = {name: listener.certificate
+                        for name, listener in self.graceful.listeners.items()
+                        if getattr(listener.spec, "role", None) == "tls"}
         if not certificates:
             return
         registry = None if self.shared_dir is not None else self.registry

@@ -29,10 +29,10 @@ from twisted.logger import Logger
 from twisted_graceful import lineage as L
 from twisted_graceful._twisted import (
     ClosedPort,
-    share_accepts,
     adopt_listening_port,
     append_to_logfiles,
     protect_twistd_pidfile,
+    share_accepts,
 )
 from twisted_graceful.child import ReadyPipe, take_over_stdio
 from twisted_graceful.command import resolve_command
@@ -55,10 +55,9 @@ from twisted_graceful.lifecycle import (
     Lifecycle,
     stop_reactor,
 )
-from twisted_graceful.listeners import (
-    STREAM, TLS, ListenSpec, describe_socket, parse_listen_description)
-from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
+from twisted_graceful.listeners import STREAM, TLS, ListenSpec, describe_socket, parse_listen_description
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
+from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
 
 # Readiness checks are retried after 0.1 s, 0.2 s, ... up to 2 s apart.
 READINESS_RETRY = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
@@ -253,8 +252,8 @@ class GracefulService(service.MultiService):
         listener name -> what its certificate is, for every TLS listener
         whose certificate is loaded.
         """
-        return {name: l.certificate.as_dict() for name, l in self.listeners.items()
-                if l.certificate is not None}
+        return {name: listener.certificate.as_dict()
+                for name, listener in self.listeners.items() if listener.certificate is not None}
 
     def add_observer(self, observer: LifecycleObserver) -> None:
         """
@@ -356,7 +355,8 @@ class GracefulService(service.MultiService):
         protect_twistd_pidfile()
         self._install_sighup()
         try:
-            factories = {name: l.served_factory() for name, l in self.listeners.items()}
+            factories = {name: listener.served_factory()
+                         for name, listener in self.listeners.items()}
         except CertificateError as e:
             self._give_up(EXIT_NOT_READY, f"{e}; not starting")
         for listener in self.listeners.values():

@@ -15,8 +15,8 @@ import json
 from twisted.web import resource
 
 from twisted_graceful.overview import server_overview
-from twisted_graceful.statusfile import read_status, status_path
 from twisted_graceful.pidfile import pid_alive
+from twisted_graceful.statusfile import read_status, status_path
 
 POLL_MILLISECONDS = 1000
 

@@ -65,7 +65,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # key, are all distinct in both databases).
 IDEMPOTENCY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS txns_client_key ON txns (client_key)"
 MAX_IDEMPOTENCY_KEY = 200
-_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:@+/=-]{1,%d}\Z" % MAX_IDEMPOTENCY_KEY)
+_IDEMPOTENCY_KEY = re.compile(rf"[A-Za-z0-9_.:@+/=-]{{1,{MAX_IDEMPOTENCY_KEY}}}\Z")
 
 SQLITE_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS kv (

@@ -25,7 +25,12 @@ import sys
 from collections import OrderedDict
 
 from twisted_graceful.listeners import (
-    ListenerError, check_listening_socket, fd_limit, set_receive_buffer, shorten)
+    ListenerError,
+    check_listening_socket,
+    fd_limit,
+    set_receive_buffer,
+    shorten,
+)
 
 LISTEN_PID = "LISTEN_PID"
 LISTEN_FDS = "LISTEN_FDS"

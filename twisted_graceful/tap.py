@@ -7,25 +7,24 @@ import sys
 
 from twisted.python import usage
 
+from twisted_graceful import logs, metrics
 from twisted_graceful._twisted import exit_on_usage_error
 from twisted_graceful.access_log import check_access_log, log_when_serving, open_access_log
 from twisted_graceful.command import next_generation_command
+from twisted_graceful.datagram import PingProtocol, self_test_ping
 from twisted_graceful.drain import DRAIN_MODES
+from twisted_graceful.handoff import WORKER, HandoffError
 from twisted_graceful.hello import HelloResource, ServerIdentity
 from twisted_graceful.http import GracefulSite, HTTPSelfTest
-from twisted_graceful import logs, metrics
-from twisted_graceful.datagram import PingProtocol, self_test_ping
-from twisted_graceful.listeners import (
-    DATAGRAM, STREAM, TLS, ListenerError, parse_listen_description)
-from twisted_graceful.tls import load_certificate
-from twisted_graceful.notify import install_sd_notify
-from twisted_graceful.handoff import WORKER, HandoffError
 from twisted_graceful.inherit import Inheritance
+from twisted_graceful.listeners import DATAGRAM, STREAM, TLS, ListenerError, parse_listen_description
 from twisted_graceful.master import MasterService
+from twisted_graceful.notify import install_sd_notify
+from twisted_graceful.service import GracefulService
 from twisted_graceful.startup import StartupError, exit_with
 from twisted_graceful.statusfile import StatusFile
-from twisted_graceful.service import GracefulService
 from twisted_graceful.store import Store, is_postgres, open_problem, redact
+from twisted_graceful.tls import load_certificate
 from twisted_graceful.txn import TxnFactory
 
 
@@ -136,7 +135,9 @@ class Options(usage.Options):
     def parseOptions(self, options=None):
         """
         Under twistd, a start-up error that is not a usage mistake is said in
-        one line, without twistd's usage text (L{twisted_graceful.startup}).
+        one line, without twistd's usage text (L{twisted_graceful.startup});
+        a usage mistake gets twistd's usage text, and exit status 1 on every
+        supported Twisted (before 26.10 twistd printed it and exited 0).
         """
         try:
             usage.Options.parseOptions(self, options)
@@ -144,6 +145,9 @@ class Options(usage.Options):
             if self.parent is None:
                 raise
             exit_with(e)
+        except usage.UsageError as e:
+            exit_on_usage_error(self, e)  # exits 1 under twistd < 26.10, which would exit 0
+            raise
 
     def listener_options(self):
         """
@@ -160,13 +164,6 @@ class Options(usage.Options):
         """
         return {name: (option, self[option[2:]]) for name, (option, _) in OPTIONAL.items()
                 if str(self[option[2:]] or "").strip()}
-
-    def parseOptions(self, options=None):
-        try:
-            usage.Options.parseOptions(self, options)
-        except usage.UsageError as e:
-            exit_on_usage_error(self, e)  # exits 1 under twistd < 26.10, which would exit 0
-            raise
 
     def postOptions(self):
         if is_postgres(self["db"]):

@@ -316,12 +316,12 @@ class TxnProtocol(DrainableConnection, TimeoutMixin, protocol.Protocol):
     # --- replies -------------------------------------------------------
     def _reply(self, code, text):
         if not self._lost:
-            self.transport.write(f"{code} {text}\r\n".encode("utf-8"))
+            self.transport.write(f"{code} {text}\r\n".encode())
 
     def _reply_lines(self, code, lines):
         for line in lines[:-1]:
             if not self._lost:
-                self.transport.write(f"{code}-{line}\r\n".encode("utf-8"))
+                self.transport.write(f"{code}-{line}\r\n".encode())
         self._reply(code, lines[-1])
 
     def _reject(self, code, text):
