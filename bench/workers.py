@@ -230,16 +230,14 @@ async def machine_ceiling(seconds):
     return sum(two) / one
 
 
-# (name, workers, environment): the baseline, the server as shipped, and the
-# shared listening sockets watched without EPOLLEXCLUSIVE (--compare-exclusive).
+# (name, workers, environment): the baseline and the server as shipped.
 VARIANTS = [("workers1", 1, {}), ("workers2", 2, {})]
-NO_EXCLUSIVE = ("workers2_no_exclusive", 2, {"GRACEFUL_EPOLL_EXCLUSIVE": "0"})
 
 
 async def throughput(opts, workdir):
     if not shutil.which("wrk"):
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
-    variants = VARIANTS + ([NO_EXCLUSIVE] if opts.compare_exclusive else [])
+    variants = VARIANTS
     clusters = {}
     try:
         for name, n, env in variants:
@@ -463,8 +461,6 @@ def parse_args(argv=None):
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--interval", type=float, default=0.5)
-    p.add_argument("--compare-exclusive", action="store_true",
-                   help="also --workers 2 without EPOLLEXCLUSIVE on the shared sockets")
     p.add_argument("--only", help="comma-separated: throughput, load, start (default: all)")
     p.add_argument("--json")
     return p.parse_args(argv)

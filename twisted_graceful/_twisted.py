@@ -10,11 +10,7 @@ else (docs/design.md, "What the code relies on").
   - L{share_accepts}: C{tcp.Port.numberAccepts}. A port accepts up to 100
     queued connections per wake-up (and more each time it empties the
     queue): with several workers on one listening socket, the first to wake
-    takes every queued connection and the others none. Its
-    C{startReading} on the epoll reactor registers the socket with
-    C{EPOLLEXCLUSIVE} (C{EPollReactor._poller}, C{_reads}, C{_selectables}):
-    Twisted has no flag for it, and without it every new connection wakes
-    every worker, all but one of which find nothing to accept.
+    takes every queued connection and the others none.
   - L{ClosedPort}: stands in for a port after C{stopListening}.
   - L{protect_twistd_pidfile}: twistd's C{UnixApplicationRunner.removePID}
     removes the pidfile at exit without looking whose PID it holds.
@@ -58,7 +54,6 @@ else (docs/design.md, "What the code relies on").
 import fcntl
 import functools
 import os
-import select
 import socket
 import sys
 import weakref
@@ -118,12 +113,14 @@ ACCEPTS_PER_WAKE_UP = 4
 
 def share_accepts(port, per_wake_up=ACCEPTS_PER_WAKE_UP):
     """
-    Make C{port} share its listening socket's connections with the other
-    workers reading it: it accepts at most C{per_wake_up} connections per
-    readiness event (nginx's C{multi_accept off} is the same idea with one),
-    and on the epoll reactor it waits on the socket with C{EPOLLEXCLUSIVE}
-    (Linux 4.5+; nginx does the same), so the kernel wakes one idle worker
-    per new connection instead of all of them: a busy worker is skipped.
+    Make C{port} accept at most C{per_wake_up} connections per readiness
+    event, so that workers sharing a listening socket share its
+    connections: the kernel wakes every worker waiting on the socket, each
+    takes a few, and a busy worker (not waiting) takes fewer. (nginx's
+    C{multi_accept off} is the same idea with one.) Not C{EPOLLEXCLUSIVE}:
+    it wakes the same idle worker for every new connection, so an idle
+    server's keep-alive connections all pile up on one worker
+    (docs/design.md, "Master and workers").
     """
     if not hasattr(port, "numberAccepts"):
         return port  # not a tcp.Port or unix.Port (a test's fake)
@@ -135,37 +132,7 @@ def share_accepts(port, per_wake_up=ACCEPTS_PER_WAKE_UP):
 
     port.numberAccepts = per_wake_up
     port.doRead = doRead
-    if _epoll_exclusive_supported(port.reactor):
-        port.startReading = functools.partial(_start_reading_exclusive, port)
     return port
-
-
-def _epoll_exclusive_supported(reactor):
-    poller = getattr(reactor, "_poller", None)
-    return (hasattr(select, "EPOLLEXCLUSIVE") and isinstance(poller, select.epoll)
-            and hasattr(reactor, "_reads") and hasattr(reactor, "_selectables")
-            and os.environ.get(EPOLL_EXCLUSIVE_ENV, "1") != "0")
-
-
-# Set to 0 to register shared listening sockets without EPOLLEXCLUSIVE: the
-# benchmark's comparison (bench/workers.py --only throughput --compare-exclusive).
-EPOLL_EXCLUSIVE_ENV = "GRACEFUL_EPOLL_EXCLUSIVE"
-
-
-def _start_reading_exclusive(port):
-    """
-    C{EPollReactor.addReader} for a listening socket, with C{EPOLLEXCLUSIVE}.
-    A listening port is never a writer, so the reactor's C{_add} would
-    C{register} it too (never C{modify}, which C{EPOLLEXCLUSIVE} forbids);
-    C{removeReader} unregisters it as usual.
-    """
-    reactor = port.reactor
-    fd = port.fileno()
-    if fd in reactor._reads:
-        return
-    reactor._poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-    reactor._reads.add(fd)
-    reactor._selectables[fd] = port
 
 
 class ClosedPort:
