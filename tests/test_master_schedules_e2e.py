@@ -31,19 +31,15 @@ GRACEFUL_SCHEDULE_EXAMPLES (default 4) and GRACEFUL_SCHEDULE_STEPS (default
 """
 
 import os
-import random
 import signal
-import socket
 import time
 
-from hypothesis import HealthCheck, Phase, settings
-from hypothesis import seed as with_seed
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from hypothesis.stateful import rule
 from twisted.trial import unittest
 
 from tests.e2e import ServerProcess, http_get, pid_in
-from tests.test_schedules_e2e import SEED_ENV, Client, recorded
+from tests.test_schedules_e2e import ScheduleSteps, recorded, run_schedules
 
 WORKERS = 2
 READY_TIMEOUT = 10.0  # a worker starts in 3 s on a loaded machine
@@ -88,14 +84,10 @@ def parent_of(pid):
         return None
 
 
-class MasterSchedules(RuleBasedStateMachine):
+class MasterSchedules(ScheduleSteps):
     """
     One master at a time; a new one after each SIGTERM.
     """
-
-    testcase = None  # set by the test
-    log = None  # every schedule's steps, for the failure report
-    failures = None  # (steps, exception) of every failed step
 
     def __init__(self):
         super().__init__()
@@ -292,38 +284,6 @@ class MasterSchedules(RuleBasedStateMachine):
         self.testcase.assertEqual(self.server.status()[self.master].get("execs", 0),
                                   execs + reexecuted)
 
-    @rule(seconds=st.integers(1, 3))
-    @recorded
-    def slow_request(self, seconds):
-        self.steps.append(f"slow_request({seconds})")
-        port = self.ports["http"]
-        self.clients.append(Client(
-            "slow request",
-            lambda: http_get(port, f"/slow?seconds={seconds}", timeout=DRAIN_TIMEOUT + SLACK)))
-
-    @rule(seconds=st.floats(0.5, 3.0))
-    @recorded
-    def open_transaction(self, seconds):
-        self.steps.append(f"open_transaction({seconds:.2f})")
-        port = self.ports["txn"]
-        key = f"k{len(self.clients)}"
-
-        def work():
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                lines = sock.makefile("rb")
-                if not lines.readline():  # the greeting
-                    return None  # queued when the server stopped: never served
-                sock.sendall(f"BEGIN\r\nSET {key} 1\r\n".encode())
-                begin = lines.readline()
-                if not begin.startswith(b"250"):
-                    return ("begin", begin)  # told to go away before its transaction began
-                lines.readline()
-                time.sleep(seconds)  # the client thinks: the transaction stays open
-                sock.sendall(b"COMMIT\r\n")
-                return ("commit", lines.readline())
-
-        self.clients.append(Client("transaction", work))
-
     @rule()
     @recorded
     def terminate(self):
@@ -344,50 +304,9 @@ class MasterSchedules(RuleBasedStateMachine):
     def teardown(self):
         if self.server is not None:
             self.stop_server()
-        for client in self.clients:
-            client.join(DRAIN_TIMEOUT + SLACK)
-            if client.during(self.kills):
-                continue  # the worker serving it may have been the one killed
-            if client.during(self.stops) and (client.error is not None or client.result is None):
-                # Connected in the instant the server stopped: the connection
-                # was queued on a listener the last process closed.
-                continue
-            self.testcase.assertIsNone(client.error, f"{client.kind} failed")
-            if client.kind == "slow request":
-                self.testcase.assertEqual(client.result[0], 200)
-                self.testcase.assertIsNotNone(pid_in(client.result[1]))
-            else:
-                stage, reply = client.result
-                if stage == "begin":  # never begun, and told so at a boundary
-                    self.testcase.assertRegex(reply, rb"^421 ")
-                else:
-                    self.testcase.assertRegex(reply, rb"^250 committed txid=\d+")
+        self.check_clients()
 
 
 class MasterScheduleTests(unittest.SynchronousTestCase):
     def test_random_schedules_keep_the_master_invariants(self):
-        seed = int(os.environ.get(SEED_ENV) or random.randrange(2 ** 32))
-        schedules, failures = [], []
-        machine = type("Machine", (MasterSchedules,),
-                       {"testcase": self, "log": schedules, "failures": failures})
-        config = settings(
-            max_examples=int(os.environ.get("GRACEFUL_SCHEDULE_EXAMPLES", "4")),
-            stateful_step_count=int(os.environ.get("GRACEFUL_SCHEDULE_STEPS", "8")),
-            deadline=None, database=None, derandomize=False,
-            phases=[Phase.explicit, Phase.generate],  # no shrinking: each run is real time
-            suppress_health_check=list(HealthCheck), print_blob=False,
-        )
-        try:
-            run_state_machine_as_test(with_seed(seed)(machine), settings=config)
-        except BaseException as e:
-            if failures:
-                steps, first = failures[0]
-            else:
-                steps, first = (schedules[-1] if schedules else []), e
-            steps = "\n    ".join(steps) or "(none)"
-            note = (f"steps of the last schedule:\n    {steps}\n"
-                    f"replay the schedules with {SEED_ENV}={seed}")
-            print(note)
-            if hasattr(first, "add_note"):
-                first.add_note(note)
-            raise first
+        run_schedules(self, MasterSchedules, examples=4, steps=8)

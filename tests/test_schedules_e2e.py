@@ -138,14 +138,116 @@ def recorded(step):
     return run
 
 
-class Schedules(RuleBasedStateMachine):
+class ScheduleSteps(RuleBasedStateMachine):
     """
-    One server at a time; restarted when a step leaves nothing serving.
+    The steps every schedule has, whatever serves: slow requests and
+    transactions held open, each a L{Client}, checked at the end by
+    L{check_clients}. A subclass sets C{steps}, C{clients}, C{kills},
+    C{stops} and C{ports}, and C{testcase}, C{log} and C{failures} (set by
+    L{run_schedules}).
     """
 
     testcase = None  # set by the test
     log = None  # every schedule's steps, for the failure report
     failures = None  # (steps, exception) of every failed step
+
+    @rule(seconds=st.integers(1, 3))
+    @recorded
+    def slow_request(self, seconds):
+        self.steps.append(f"slow_request({seconds})")
+        port = self.ports["http"]
+        self.clients.append(Client(
+            "slow request",
+            lambda: http_get(port, f"/slow?seconds={seconds}", timeout=DRAIN_TIMEOUT + SLACK)))
+
+    @rule(seconds=st.floats(0.5, 3.0))
+    @recorded
+    def open_transaction(self, seconds):
+        self.steps.append(f"open_transaction({seconds:.2f})")
+        port = self.ports["txn"]
+        key = f"k{len(self.clients)}"
+
+        def work():
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                lines = sock.makefile("rb")
+                if not lines.readline():  # the greeting
+                    return None  # queued when the server stopped: never served
+                sock.sendall(f"BEGIN\r\nSET {key} 1\r\n".encode())
+                begin = lines.readline()
+                if not begin.startswith(b"250"):
+                    return ("begin", begin)  # told to go away before its transaction began
+                lines.readline()
+                time.sleep(seconds)  # the client thinks: the transaction stays open
+                sock.sendall(b"COMMIT\r\n")
+                return ("commit", lines.readline())
+
+        self.clients.append(Client("transaction", work))
+
+    def check_clients(self):
+        """
+        No slow request or transaction was lost unless the process serving
+        it was killed while it ran, or it connected as the server stopped.
+        """
+        for client in self.clients:
+            client.join(DRAIN_TIMEOUT + SLACK)
+            if client.during(self.kills):
+                continue  # the process serving it may have been the one killed
+            if client.during(self.stops) and (client.error is not None or client.result is None):
+                # Connected in the instant the server stopped: the connection
+                # was queued on a listener the last process closed.
+                continue
+            self.testcase.assertIsNone(client.error, f"{client.kind} failed")
+            if client.kind == "slow request":
+                self.testcase.assertEqual(client.result[0], 200)
+                self.testcase.assertIsNotNone(pid_in(client.result[1]))
+            else:
+                stage, reply = client.result
+                if stage == "begin":  # never begun, and told so at a boundary
+                    self.testcase.assertRegex(reply, rb"^421 ")
+                else:
+                    self.testcase.assertRegex(reply, rb"^250 committed txid=\d+")
+
+
+def run_schedules(testcase, machine, examples=8, steps=10):
+    """
+    Run the state machine C{machine} (a L{ScheduleSteps}) on random schedules
+    drawn from C{GRACEFUL_SCHEDULE_SEED} (or a new seed);
+    C{GRACEFUL_SCHEDULE_EXAMPLES} and C{GRACEFUL_SCHEDULE_STEPS} override the
+    defaults. A failure is the first failed step's, with its steps and the
+    seed to replay them with.
+    """
+    seed = int(os.environ.get(SEED_ENV) or random.randrange(2 ** 32))
+    schedules, failures = [], []
+    machine = type("Machine", (machine,),
+                   {"testcase": testcase, "log": schedules, "failures": failures})
+    config = settings(
+        max_examples=int(os.environ.get("GRACEFUL_SCHEDULE_EXAMPLES", str(examples))),
+        stateful_step_count=int(os.environ.get("GRACEFUL_SCHEDULE_STEPS", str(steps))),
+        deadline=None, database=None, derandomize=False,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: each run is real time
+        suppress_health_check=list(HealthCheck), print_blob=False,
+    )
+    try:
+        run_state_machine_as_test(with_seed(seed)(machine), settings=config)
+    except BaseException as e:
+        # Report the first failure itself, with its steps.
+        if failures:
+            steps, first = failures[0]
+        else:
+            steps, first = (schedules[-1] if schedules else []), e
+        steps = "\n    ".join(steps) or "(none)"
+        note = (f"steps of the last schedule:\n    {steps}\n"
+                f"replay the schedules with {SEED_ENV}={seed}")
+        print(note)
+        if hasattr(first, "add_note"):
+            first.add_note(note)
+        raise first
+
+
+class Schedules(ScheduleSteps):
+    """
+    One server at a time; restarted when a step leaves nothing serving.
+    """
 
     def __init__(self):
         super().__init__()
@@ -220,38 +322,6 @@ class Schedules(RuleBasedStateMachine):
                 break  # it handed over and exited between two of our signals
         self.settle_and_check()
 
-    @rule(seconds=st.integers(1, 3))
-    @recorded
-    def slow_request(self, seconds):
-        self.steps.append(f"slow_request({seconds})")
-        port = self.ports["http"]
-        self.clients.append(Client(
-            "slow request",
-            lambda: http_get(port, f"/slow?seconds={seconds}", timeout=DRAIN_TIMEOUT + SLACK)))
-
-    @rule(seconds=st.floats(0.5, 3.0))
-    @recorded
-    def open_transaction(self, seconds):
-        self.steps.append(f"open_transaction({seconds:.2f})")
-        port = self.ports["txn"]
-        key = f"k{len(self.clients)}"
-
-        def work():
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                lines = sock.makefile("rb")
-                if not lines.readline():  # the greeting
-                    return None  # queued when the server stopped: never served
-                sock.sendall(f"BEGIN\r\nSET {key} 1\r\n".encode())
-                begin = lines.readline()
-                if not begin.startswith(b"250"):
-                    return ("begin", begin)  # told to go away before its transaction began
-                lines.readline()
-                time.sleep(seconds)  # the client thinks: the transaction stays open
-                sock.sendall(b"COMMIT\r\n")
-                return ("commit", lines.readline())
-
-        self.clients.append(Client("transaction", work))
-
     @rule()
     @recorded
     def kill_current(self):
@@ -301,51 +371,9 @@ class Schedules(RuleBasedStateMachine):
     def teardown(self):
         if self.server is not None:
             self.stop_server()
-        for client in self.clients:
-            client.join(DRAIN_TIMEOUT + SLACK)
-            if client.during(self.kills):
-                continue  # the process serving it may have been the one killed
-            if client.during(self.stops) and (client.error is not None or client.result is None):
-                # Connected in the instant the server stopped: the connection
-                # was queued on a listener the last process closed.
-                continue
-            self.testcase.assertIsNone(client.error, f"{client.kind} failed")
-            if client.kind == "slow request":
-                self.testcase.assertEqual(client.result[0], 200)
-                self.testcase.assertIsNotNone(pid_in(client.result[1]))
-            else:
-                stage, reply = client.result
-                if stage == "begin":  # never begun, and told so at a boundary
-                    self.testcase.assertRegex(reply, rb"^421 ")
-                else:
-                    self.testcase.assertRegex(reply, rb"^250 committed txid=\d+")
+        self.check_clients()
 
 
 class ScheduleTests(unittest.SynchronousTestCase):
     def test_random_schedules_keep_the_invariants(self):
-        seed = int(os.environ.get(SEED_ENV) or random.randrange(2 ** 32))
-        schedules, failures = [], []
-        machine = type("Machine", (Schedules,),
-                       {"testcase": self, "log": schedules, "failures": failures})
-        config = settings(
-            max_examples=int(os.environ.get("GRACEFUL_SCHEDULE_EXAMPLES", "8")),
-            stateful_step_count=int(os.environ.get("GRACEFUL_SCHEDULE_STEPS", "10")),
-            deadline=None, database=None, derandomize=False,
-            phases=[Phase.explicit, Phase.generate],  # no shrinking: each run is real time
-            suppress_health_check=list(HealthCheck), print_blob=False,
-        )
-        try:
-            run_state_machine_as_test(with_seed(seed)(machine), settings=config)
-        except BaseException as e:
-            # Report the first failure itself, with its steps.
-            if failures:
-                steps, first = failures[0]
-            else:
-                steps, first = (schedules[-1] if schedules else []), e
-            steps = "\n    ".join(steps) or "(none)"
-            note = (f"steps of the last schedule:\n    {steps}\n"
-                    f"replay the schedules with {SEED_ENV}={seed}")
-            print(note)
-            if hasattr(first, "add_note"):
-                first.add_note(note)
-            raise first
+        run_schedules(self, Schedules)
