@@ -97,12 +97,9 @@ POSTGRES_SCHEMA = (
         generation INTEGER,
         ops TEXT NOT NULL,
         result TEXT NOT NULL,
-        token TEXT NOT NULL UNIQUE
+        token TEXT NOT NULL UNIQUE,
+        client_key TEXT
     )""",
-    # Databases made before idempotency keys: the column is added in place
-    # (a running older generation names its columns and never reads it).
-    "ALTER TABLE txns ADD COLUMN IF NOT EXISTS client_key TEXT",
-    IDEMPOTENCY_INDEX,
 )
 # Two hosts starting at once must not both create the tables (CREATE TABLE
 # IF NOT EXISTS is not safe against a concurrent CREATE): one lock for it.
@@ -686,6 +683,22 @@ def _sqlite_add_client_key(conn):
     conn.execute(IDEMPOTENCY_INDEX)
 
 
+def _postgres_add_client_key(cur):
+    """
+    A database made before idempotency keys gets the column and its index
+    in place, once: looked up first, because ALTER TABLE takes the table's
+    strongest lock even when there is nothing to do, and every new pool
+    connection of every host runs this.
+    """
+    cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = "
+                "current_schema() AND table_name = 'txns' AND column_name = 'client_key'")
+    if cur.fetchone() is None:
+        cur.execute("ALTER TABLE txns ADD COLUMN client_key TEXT")
+    cur.execute("SELECT to_regclass('txns_client_key')")
+    if cur.fetchone()[0] is None:
+        cur.execute(IDEMPOTENCY_INDEX)
+
+
 def _file_id(path):
     st = os.stat(path)
     return st.st_dev, st.st_ino
@@ -768,6 +781,7 @@ class PostgresBackend:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 for statement in POSTGRES_SCHEMA:
                     cur.execute(statement)
+                _postgres_add_client_key(cur)
             conn.commit()
         except BaseException:
             conn.close()  # adbapi would keep nothing of it, but not close it either
