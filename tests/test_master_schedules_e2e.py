@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 from twisted.trial import unittest
 
-from tests.e2e import ServerProcess, http_get, pid_in
+from tests.e2e import ServerProcess, http_get, pid_alive, pid_in
 from tests.test_schedules_e2e import ScheduleSteps, recorded, run_schedules
 
 WORKERS = 2
@@ -54,8 +54,12 @@ SITECUSTOMIZE = '''\
 import os
 
 if os.environ.get("GRACEFUL_ROLE") == "worker":
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploy")) as _f:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(_here, "deploy")) as _f:
         _fault = _f.read().strip()
+    if _fault != "good":
+        with open(os.path.join(_here, "faulted"), "a") as _f:
+            _f.write(f"{os.getpid()}\n")  # the test waits for these to be gone
     if _fault == "broken":
         os._exit(3)
     if _fault in ("never-ready", "dies-after-ready"):
@@ -218,7 +222,32 @@ class MasterSchedules(ScheduleSteps):
             self.server.wait_entry(self.master, lambda e: e.get("state") != "upgrading",
                                    "the upgrade's outcome", timeout=SETTLE)
         self.deploy("good")
+        if deploy == "dies-after-ready":
+            # Workers that serve, then die: what they were answering is cut,
+            # as by a kill. Replacements spawned from now on read good code.
+            self.wait_faulted_gone()
+            self.kills.append(time.monotonic())
         self.settle_and_check()
+
+    def wait_faulted_gone(self, timeout=SETTLE):
+        """
+        Wait until every worker that started with a faulty deploy is gone.
+        """
+        path = os.path.join(self.code, "faulted")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(path) as f:
+                    pids = {int(line) for line in f if line.strip()}
+            except OSError:
+                pids = set()
+            alive = {pid for pid in pids if pid_alive(pid)}
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers {sorted(alive)} of a faulty deploy still run\n"
+                                     + self.server.output())
+            time.sleep(0.05)  # other processes die: nothing to wait on
 
     @rule(count=st.integers(2, 4))
     @recorded
