@@ -5,6 +5,7 @@ binding them, and checking inherited descriptors.
 
 import errno
 import fcntl
+import gc
 import os
 import socket
 import tempfile
@@ -464,6 +465,7 @@ class CheckListeningSocketTests(SynchronousTestCase):
     def test_rejectionLeavesNoExtraDescriptor(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
+        gc.collect()  # an earlier test's garbage must not close its sockets during this one
         before = _open_fds()
         self.assertRaises(ListenerError, check_listening_socket, sock.fileno())
         self.assertEqual(_open_fds(), before)

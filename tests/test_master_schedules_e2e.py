@@ -59,7 +59,7 @@ if os.environ.get("GRACEFUL_ROLE") == "worker":
         _fault = _f.read().strip()
     if _fault != "good":
         with open(os.path.join(_here, "faulted"), "a") as _f:
-            _f.write(f"{os.getpid()}\n")  # the test waits for these to be gone
+            _f.write(f"{os.getpid()}\\n")  # the test waits for these to be gone
     if _fault == "broken":
         os._exit(3)
     if _fault in ("never-ready", "dies-after-ready"):
@@ -108,6 +108,7 @@ class MasterSchedules(ScheduleSteps):
         cwd = os.path.abspath(self.testcase.mktemp())
         self.code = os.path.join(cwd, "code")
         os.makedirs(self.code)
+        compile(SITECUSTOMIZE, "sitecustomize.py", "exec")  # Python would ignore a broken one
         with open(os.path.join(self.code, "sitecustomize.py"), "w") as f:
             f.write(SITECUSTOMIZE)
         self.deploy("good")
@@ -217,10 +218,15 @@ class MasterSchedules(ScheduleSteps):
     def hup(self, deploy):
         self.steps.append(f"hup({deploy!r})")
         self.deploy(deploy)
+        before = self.generation
         if self.upgrade() == "started":
             # The new set read its code: the upgrade's outcome is known.
-            self.server.wait_entry(self.master, lambda e: e.get("state") != "upgrading",
-                                   "the upgrade's outcome", timeout=SETTLE)
+            entry = self.server.wait_entry(self.master, lambda e: e.get("state") != "upgrading",
+                                           "the upgrade's outcome", timeout=SETTLE)
+            if deploy in ("broken", "never-ready"):
+                # The deploy's fault is real: that set never served.
+                self.testcase.assertEqual(entry.get("generation"), before, entry)
+                self.testcase.assertIn(entry["last_upgrade"]["result"], ("failed", "timeout"))
         self.deploy("good")
         if deploy == "dies-after-ready":
             # Workers that serve, then die: what they were answering is cut,

@@ -51,7 +51,11 @@ class UsageErrorTests(unittest.TestCase):
 
     def test_good_options_run(self):
         self.patch(_twisted, "TWISTD_EXITS_ON_USAGE_ERROR", False)
-        code, _, ran = self.run_twistd("--port", "tcp:0:interface=127.0.0.1")
+        # Every listener on a free port: the defaults (8025, 9090) may be taken
+        # by a server running on this machine.
+        code, _, ran = self.run_twistd("--port", "tcp:0:interface=127.0.0.1",
+                                       "--txn-port", "tcp:0:interface=127.0.0.1",
+                                       "--metrics-port", "tcp:0:interface=127.0.0.1")
         self.assertIsNone(code)
         self.assertEqual(len(ran), 1)
 
