@@ -93,16 +93,6 @@ class MasterSchedules(ScheduleSteps):
     One master at a time; a new one after each SIGTERM.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.steps = []
-        self.log.append(self.steps)
-        self.kills = []  # when we sent SIGKILL
-        self.stops = []  # when we sent SIGTERM
-        self.clients = []
-        self.server = None
-        self.start_server()
-
     # --- the server -----------------------------------------------------------
     def start_server(self):
         cwd = os.path.abspath(self.testcase.mktemp())

@@ -142,14 +142,24 @@ class ScheduleSteps(RuleBasedStateMachine):
     """
     The steps every schedule has, whatever serves: slow requests and
     transactions held open, each a L{Client}, checked at the end by
-    L{check_clients}. A subclass sets C{steps}, C{clients}, C{kills},
-    C{stops} and C{ports}, and C{testcase}, C{log} and C{failures} (set by
-    L{run_schedules}).
+    L{check_clients}. A subclass starts its server in C{start_server} and
+    sets C{ports}; L{run_schedules} sets C{testcase}, C{log} and
+    C{failures}.
     """
 
     testcase = None  # set by the test
     log = None  # every schedule's steps, for the failure report
     failures = None  # (steps, exception) of every failed step
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+        self.log.append(self.steps)
+        self.kills = []  # when we sent SIGKILL
+        self.stops = []  # when we sent SIGTERM
+        self.clients = []
+        self.server = None
+        self.start_server()  # the subclass's
 
     @rule(seconds=st.integers(1, 3))
     @recorded
@@ -248,16 +258,6 @@ class Schedules(ScheduleSteps):
     """
     One server at a time; restarted when a step leaves nothing serving.
     """
-
-    def __init__(self):
-        super().__init__()
-        self.steps = []
-        self.log.append(self.steps)
-        self.kills = []  # when we sent SIGKILL
-        self.stops = []  # when we sent SIGTERM
-        self.clients = []
-        self.server = None
-        self.start_server()
 
     # --- the server -----------------------------------------------------------
     def start_server(self):
