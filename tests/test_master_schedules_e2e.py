@@ -281,17 +281,8 @@ class MasterSchedules(ScheduleSteps):
         self.steps.append(f"kill_worker({which}, draining={draining})")
         entry = self.server.status().get(self.master, {})
         state = "draining" if draining else "serving"
-        pids = sorted(w["pid"] for w in entry.get("workers") or [] if w["state"] == state)
-        if not pids:
-            return
-        victim = pids[which % len(pids)]
-        self.kills.append(time.monotonic())
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # its drain ended meanwhile
-        self.server.wait_gone(victim)
-        self.settle_and_check()
+        self.kill_one(sorted(w["pid"] for w in entry.get("workers") or []
+                             if w["state"] == state), which)
 
     @rule(during_upgrade=st.booleans())
     @recorded

@@ -193,6 +193,23 @@ class ScheduleSteps(RuleBasedStateMachine):
 
         self.clients.append(Client("transaction", work))
 
+    def kill_one(self, pids, which):
+        """
+        SIGKILL the C{which}-th of C{pids}, if any, and settle. (Draws do not
+        depend on the processes alive: Hypothesis replays a schedule by its
+        draws.)
+        """
+        if not pids:
+            return
+        victim = pids[which % len(pids)]
+        self.kills.append(time.monotonic())
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # its drain ended meanwhile
+        self.server.wait_gone(victim)
+        self.settle_and_check()
+
     def check_clients(self):
         """
         No slow request or transaction was lost unless the process serving
@@ -335,19 +352,7 @@ class Schedules(ScheduleSteps):
     @recorded
     def kill_older(self, which):
         self.steps.append(f"kill_older({which})")
-        # Draws do not depend on the processes alive (Hypothesis replays a
-        # schedule by its draws): the which-th older process, if any.
-        older = self.older()
-        if not older:
-            return
-        victim = older[which % len(older)]
-        self.kills.append(time.monotonic())
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # its drain ended meanwhile
-        self.server.wait_gone(victim)
-        self.settle_and_check()
+        self.kill_one(self.older(), which)
 
     @rule()
     @recorded
