@@ -288,6 +288,18 @@ async def throughput(opts, workdir):
             r["ratio"] = r["rps"] / base["rps"]
             r["cpu_per_request_ratio"] = (r["server_cpu_us_per_request"]
                                           / base["server_cpu_us_per_request"])
+        # What any server could reach here (docs/benchmarks.md): the
+        # machine's ceiling in cores, shared by the server's and wrk's CPU per
+        # request as measured with one worker (wrk on the other core), against
+        # one worker's throughput. Sharing the cores usually costs more per
+        # request, so this is an estimate from above, not a guarantee.
+        wrk_per_request = base["wrk_cpu_s"] / (base["rps"] * opts.seconds)
+        server_per_request = base["server_cpu_us_per_request"] / 1e6
+        out.setdefault("bound", {})["close" if close else "keepalive"] = {
+            "ratio": out["machine_ceiling"] / ((server_per_request + wrk_per_request)
+                                               * base["rps"]),
+            "server_cpu_us_per_request": 1e6 * server_per_request,
+            "wrk_cpu_us_per_request": 1e6 * wrk_per_request}
         out["close" if close else "keepalive"] = med
     return out
 
@@ -431,6 +443,11 @@ def print_report(report):
                       f"({r['cpu_per_request_ratio']:.2f}), balance {r['worker_balance']:.2f}; "
                       f"wrk {r['wrk_cpu_s']:.1f} CPU s; "
                       f"socket errors {r['socket_errors']}")
+            b = t["bound"][mode]
+            print(f"  {mode:9} reachable here: about {b['ratio']:.2f} (the machine's ceiling "
+                  f"shared by one worker's {b['server_cpu_us_per_request']:.0f} us and wrk's "
+                  f"{b['wrk_cpu_us_per_request']:.0f} us of CPU per request, if sharing the "
+                  f"cores cost nothing)")
     u = report.get("under_load")
     if u is not None:
         print_load(u)
