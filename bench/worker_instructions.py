@@ -7,6 +7,7 @@ connections, and for a bare C{twistd web} serving the same resource:
     python -m bench.worker_instructions --workers 1 --requests 2000 [--code DIR]
     python -m bench.worker_instructions --mode fresh --server bare --requests 1000
     python -m bench.worker_instructions --mode txn --requests 1000 --annotate 25
+    python -m bench.worker_instructions --mode fresh --server bare -- --logfile FILE
 
 The server starts uninstrumented under C{valgrind --tool=callgrind
 --trace-children=yes} (so that the worker it spawns runs under callgrind too);
@@ -101,7 +102,7 @@ def server_command(server, cwd, port, txn_port, workers, timeout, extra=()):
               os.path.join(cwd, "twistd.pid")]
     if server == "bare":
         return twistd + ["web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--class",
-                         "bench.reload.BareHello"]
+                         "bench.reload.BareHello", *extra]
     return twistd + [
         "graceful", "--port", f"tcp:{port}:interface=127.0.0.1",
         "--txn-port", f"tcp:{txn_port}:interface=127.0.0.1", "--metrics-port",
@@ -195,7 +196,9 @@ def main(argv=None):
     p.add_argument("--annotate", type=int, default=0, metavar="N",
                    help="also list the N functions with the most instructions")
     p.add_argument("--code", default=REPO, help="the checkout to run (default: this one)")
-    p.add_argument("extra", nargs="*", help="more graceful options (after --)")
+    p.add_argument("extra", nargs="*",
+                   help="more options of the server (after --): graceful's, or twistd web's "
+                        "with --server bare (e.g. -- --logfile FILE)")
     opts = p.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("needs valgrind (callgrind_control)")
