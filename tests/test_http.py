@@ -98,6 +98,19 @@ class DrainableChannelTests(unittest.SynchronousTestCase):
         self.assertNotIn(b"hello world", transport.value())
         self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 1)
 
+    def test_bytes_after_a_connection_close_request_are_never_parsed(self):
+        # Closed at once (nothing followed the request), as a TLS transport
+        # may still deliver what the peer sent after it: dropped, not a
+        # second request on a closing connection.
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        proto.dataReceived(GET)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 1)
+        self.assertEqual(self.tracker.counts(), {"http": (1, 0)})
+        proto.connectionLost(None)
+        self.assertEqual(self.tracker.counts(), {})
+
     def test_idle_connection_gets_a_grace_then_closes(self):
         proto, transport = self.connect()
         proto.dataReceived(GET)
