@@ -35,3 +35,17 @@ class BenchSmokeTests(unittest.TestCase):
         self.assertEqual(handover["post_check"]["acknowledged"], handover["post_check"]["applied"])
         self.assertEqual(len(handover["generations"]), 4)
         self.assertIn("| handover | 3 |", result.stdout)
+
+
+class ChannelInstructionsTests(unittest.SynchronousTestCase):
+    """
+    bench.channel_instructions' workload, without callgrind: every site it
+    compares answers every request, on new connections and on one.
+    """
+
+    def test_every_site_answers_every_request(self):
+        from bench import channel_instructions
+
+        for kind in channel_instructions.SITES:
+            for mode in channel_instructions.MODES:
+                channel_instructions.serve(kind, mode, 3)  # SystemExit if one is not answered
