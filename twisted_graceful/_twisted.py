@@ -61,12 +61,21 @@ import weakref
 import twisted
 from twisted.application import app as twistd_app
 from twisted.internet import tcp
-from twisted.web import http as _web_http
 
 from twisted_graceful.pidfile import read_pid
 
-# twisted.web.http is a deprecation proxy: bind the class once, not per connection.
-GenericHTTPChannelProtocol = _web_http._GenericHTTPChannelProtocol
+
+def __getattr__(name):
+    # GenericHTTPChannelProtocol, bound when first asked for (by
+    # twisted_graceful.http, once): a master serves no HTTP and does not
+    # import twisted.web. twisted.web.http is a deprecation proxy: the class
+    # is bound once, not read through it per connection.
+    if name == "GenericHTTPChannelProtocol":
+        from twisted.web import http as _web_http
+
+        value = globals()[name] = _web_http._GenericHTTPChannelProtocol
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adopt_listening_port(reactor, sock, factory):
