@@ -12,7 +12,7 @@ from twisted.python import usage
 # "Start-up cost"): a master never imports twisted.web, a server without
 # --tls-port never imports twisted_graceful.tls.
 from twisted_graceful import logs
-from twisted_graceful._twisted import exit_on_usage_error
+from twisted_graceful._twisted import exit_on_usage_error, reactor_without_tls
 from twisted_graceful.access_log import check_access_log
 from twisted_graceful.command import next_generation_command
 from twisted_graceful.drain import DRAIN_MODES
@@ -210,6 +210,8 @@ class Options(usage.Options):
         except ListenerError as e:
             raise usage.UsageError(str(e))  # a description that cannot be parsed
         self.specs = specs
+        if not any(spec.role == TLS for spec in specs.values()):
+            reactor_without_tls()  # no TLS here: not pyOpenSSL either (fact 42)
         try:
             if getattr(self, "preflight", False):
                 self.certificates = load_certificates(specs, options)
