@@ -66,6 +66,24 @@ def ensure_gunicorn():
     return gunicorn, version
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    """
+    User and system CPU seconds of C{pids} (from /proc).
+    """
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / HZ
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def children(pid):
     """
     The PIDs whose parent is C{pid} (from /proc).
@@ -118,7 +136,7 @@ async def answer_pid(port):
 async def until_new_pids(port, old, n, t0, timeout=60, poll=0.002):
     """
     Poll C{port} with new connections until C{n} PIDs not in C{old} have
-    answered: (seconds from C{t0} to the first, to the C{n}th).
+    answered: (seconds from C{t0} to the first, to the C{n}th, the PIDs).
     """
     seen, first = set(), None
     deadline = time.monotonic() + timeout
@@ -129,7 +147,7 @@ async def until_new_pids(port, old, n, t0, timeout=60, poll=0.002):
                 first = time.monotonic() - t0
             seen.add(pid)
             if len(seen) >= n:
-                return first, time.monotonic() - t0
+                return first, time.monotonic() - t0, seen
         await asyncio.sleep(poll)  # bounded by the deadline
     raise RuntimeError(f"{n} new worker(s) never answered on port {port} (saw {sorted(seen)})")
 
@@ -175,7 +193,8 @@ class Gunicorn:
         USR2; once the new master has written its pidfile (before it forks
         its workers), TERM to the old master (the operator's WINCH/QUIT: its
         workers would otherwise go on taking every connection); returns
-        (to the first answer from a new worker, to every new worker's).
+        (to the first answer from a new worker, to every new worker's, the
+        CPU seconds the new master and workers used until then).
         """
         old_master, old = self.master, self.worker_pids() | {self.master}
         t0 = time.monotonic()
@@ -193,7 +212,9 @@ class Gunicorn:
                 tail = f.read()[-2000:]
             raise RuntimeError(f"gunicorn: no new master after USR2; its log ends: {tail}")
         os.kill(old_master, signal.SIGTERM)
-        first, every = await until_new_pids(self.port, old, self.workers, t0)
+        first, every, seen = await until_new_pids(self.port, old, self.workers, t0)
+        # The CPU the new set cost: the new master's start and its workers'.
+        cpu = cpu_seconds([new_master, *seen])
         if old_master == self.proc.pid:
             await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 60)
         else:
@@ -208,7 +229,7 @@ class Gunicorn:
             if time.monotonic() > deadline:
                 raise RuntimeError("gunicorn: the new master never took the old one's place")
             await asyncio.sleep(0.02)  # its loop wakes up about once a second
-        return first, every
+        return first, every, cpu
 
     async def stop(self):
         if self.master is None:

@@ -84,8 +84,9 @@ class Cluster:
     `twistd graceful --workers N`, followed through its status file.
     """
 
-    def __init__(self, workers, workdir, extra=(), env=None, port=0):
+    def __init__(self, workers, workdir, extra=(), env=None, port=0, repo=REPO):
         self.workers = workers
+        self.repo = repo
         self.env = env or {}
         self.cwd = tempfile.mkdtemp(dir=workdir, prefix=f"workers{workers}-")
         self.pidfile = os.path.join(self.cwd, "twistd.pid")
@@ -102,7 +103,7 @@ class Cluster:
         self.proc = await asyncio.create_subprocess_exec(
             *self.args, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=REPO, **self.env), start_new_session=True)
+            env=dict(os.environ, PYTHONPATH=self.repo, **self.env), start_new_session=True)
         self.master = self.proc.pid
         entry = await self.wait(1)
         worker = entry["workers"][0]["pid"]
@@ -408,14 +409,14 @@ def our_paths():
             sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
 
 
-async def our_start(workers, workdir, upgrades):
+async def our_start(workers, workdir, upgrades, repo=REPO):
     """
     `twistd graceful --workers N`: a fresh start's time to its first answer,
     then C{upgrades} SIGHUPs, each timed to the first answer from a new
     worker and to every new worker having answered.
     """
     port = free_port()
-    cluster = Cluster(workers, workdir, port=port)
+    cluster = Cluster(workers, workdir, port=port, repo=repo)
     t0 = time.monotonic()
     starting = asyncio.ensure_future(cluster.start())
     try:
@@ -426,9 +427,10 @@ async def our_start(workers, workdir, upgrades):
             old = set(cluster.pids())
             t1 = time.monotonic()
             os.kill(cluster.master, signal.SIGHUP)
-            new_first, new_every = await until_new_pids(port, old, workers, t1)
+            new_first, new_every, seen = await until_new_pids(port, old, workers, t1)
+            cpu = cpu_seconds(seen)  # the new workers' starts (the master's part is small)
             entry = await cluster.wait(generation)
-            sighups.append({"first": new_first, "every": new_every,
+            sighups.append({"first": new_first, "every": new_every, "cpu": cpu,
                             "all_ready": entry["last_upgrade"]["duration_seconds"]})
     finally:
         if not starting.done():
@@ -450,8 +452,8 @@ async def gunicorn_start(script, workers, workdir, upgrades):
         await until_new_pids(port, {server.master}, workers, t0)  # every worker serves
         usr2 = []
         for _ in range(upgrades):
-            new_first, new_every = await server.upgrade()
-            usr2.append({"first": new_first, "every": new_every})
+            new_first, new_every, cpu = await server.upgrade()
+            usr2.append({"first": new_first, "every": new_every, "cpu": cpu})
     finally:
         await server.stop()
     return {"fresh": first, "upgrades": usr2}
@@ -466,6 +468,13 @@ async def start_times(opts, workdir):
     compile_bytecode(*our_paths())
     out = {"rounds": opts.rounds, "upgrades_per_round": opts.start_upgrades}
     variants = [("ours", None)]
+    if opts.baseline:
+        # The same server from another checkout (e.g. `git archive` of the
+        # commit before a change), in the same rounds.
+        compile_bytecode(os.path.join(opts.baseline, "twisted_graceful"),
+                         os.path.join(opts.baseline, "twisted"))
+        out["baseline_repo"] = opts.baseline
+        variants.append(("baseline", os.path.abspath(opts.baseline)))
     if opts.peers:
         script, version = ensure_gunicorn()
         out["gunicorn_version"] = version
@@ -478,6 +487,9 @@ async def start_times(opts, workdir):
                 if name == "ours":
                     results[(name, n)].append(
                         await our_start(n, workdir, opts.start_upgrades))
+                elif name == "baseline":
+                    results[(name, n)].append(
+                        await our_start(n, workdir, opts.start_upgrades, repo=script))
                 else:
                     results[(name, n)].append(
                         await gunicorn_start(script, n, workdir, opts.start_upgrades))
@@ -488,21 +500,32 @@ async def start_times(opts, workdir):
             "fresh_first_answer_s": med(run["fresh"] for run in runs),
             "signal_to_first_new_answer_s": med(u["first"] for u in ups),
             "signal_to_every_new_answered_s": med(u["every"] for u in ups),
+            "upgrade_cpu_s": med(u["cpu"] for u in ups),
             "samples": {"fresh": len(runs), "upgrades": len(ups)},
         }
-        if name == "ours":
+        if name in ("ours", "baseline"):
             entry["signal_to_all_ready_s"] = med(u["all_ready"] for u in ups)
     for n in WORKER_COUNTS:
         ours = out["ours"][f"w{n}"]
         ratios = out.setdefault("ratios", {})[f"w{n}"] = {
             "ours_sighup_every / ours_fresh": (ours["signal_to_every_new_answered_s"]
                                                / ours["fresh_first_answer_s"])}
+        if "baseline" in out:
+            b = out["baseline"][f"w{n}"]
+            ratios["ours_sighup_every / baseline_sighup_every"] = (
+                ours["signal_to_every_new_answered_s"] / b["signal_to_every_new_answered_s"])
+            ratios["ours_upgrade_cpu / baseline_upgrade_cpu"] = (ours["upgrade_cpu_s"]
+                                                                  / b["upgrade_cpu_s"])
+            ratios["ours_fresh / baseline_fresh"] = (ours["fresh_first_answer_s"]
+                                                    / b["fresh_first_answer_s"])
         if "gunicorn" in out:
             g = out["gunicorn"][f"w{n}"]
             ratios["ours_sighup_first / gunicorn_usr2_first"] = (
                 ours["signal_to_first_new_answer_s"] / g["signal_to_first_new_answer_s"])
             ratios["ours_sighup_every / gunicorn_usr2_every"] = (
                 ours["signal_to_every_new_answered_s"] / g["signal_to_every_new_answered_s"])
+            ratios["ours_upgrade_cpu / gunicorn_upgrade_cpu"] = (ours["upgrade_cpu_s"]
+                                                                  / g["upgrade_cpu_s"])
             ratios["ours_fresh / gunicorn_fresh"] = (ours["fresh_first_answer_s"]
                                                     / g["fresh_first_answer_s"])
     return out
@@ -564,9 +587,10 @@ def print_start(s):
           f"{s['upgrades_per_round']} upgrades each; medians, ms)"
           + (f"; gunicorn {s['gunicorn_version']}" if "gunicorn" in s else ""))
     print("| server | workers | fresh start to first answer | signal to first new answer "
-          "| signal to every new worker answered | signal to all ready (master) |")
-    print("|---|---|---|---|---|---|")
-    for name in ("ours", "gunicorn"):
+          "| signal to every new worker answered | signal to all ready (master) "
+          "| CPU of the new set |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("ours", "baseline", "gunicorn"):
         for n in WORKER_COUNTS:
             r = s.get(name, {}).get(f"w{n}")
             if r is None:
@@ -575,7 +599,8 @@ def print_start(s):
             print(f"| {name} | {n} | {r['fresh_first_answer_s'] * 1000:.0f} | "
                   f"{r['signal_to_first_new_answer_s'] * 1000:.0f} | "
                   f"{r['signal_to_every_new_answered_s'] * 1000:.0f} | "
-                  f"{'' if ready is None else f'{ready * 1000:.0f}'} |")
+                  f"{'' if ready is None else f'{ready * 1000:.0f}'} | "
+                  f"{r['upgrade_cpu_s'] * 1000:.0f} |")
     for n in WORKER_COUNTS:
         for what, ratio in s["ratios"][f"w{n}"].items():
             print(f"  workers {n}: {what} = {ratio:.2f}")
@@ -604,6 +629,9 @@ def parse_args(argv=None):
     p.add_argument("--only", help="comma-separated: throughput, load, start (default: all)")
     p.add_argument("--start-upgrades", type=int, default=3,
                    help="start: signals per server and round (default 3)")
+    p.add_argument("--baseline", metavar="CHECKOUT",
+                   help="start: measure this checkout of twisted-graceful too (its "
+                        "twisted_graceful and twisted/plugins), e.g. the commit before a change")
     p.add_argument("--peers", action="store_true",
                    help="start: measure gunicorn too (installs it with pip into "
                         "~/.cache/twisted-graceful-bench/venv on first use)")
