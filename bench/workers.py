@@ -12,8 +12,11 @@ The master and its workers, measured (issue: master and workers).
   3. kill -9: K times a random worker under the same load, each replaced
      (one that has served longer than the master's crash window, so that
      each kill is one death and not a crash loop, which backs off);
-  4. time from the signal to every new worker ready, against a fresh start's
-     time to its first answer; RSS of the master and of each worker.
+  4. start (`--only start [--peers]`): a fresh start's time to its first
+     answer, and SIGHUP's to the first answer from a new worker and to every
+     new worker having answered, for --workers 1 and 2; with --peers the same
+     for gunicorn (its USR2), in the same interleaved rounds (bench/peers.py);
+     RSS of the master and of each worker (under load).
 
 Every load loop is bounded in time and count, and only 127.0.0.1 is used.
 """
@@ -27,6 +30,7 @@ import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,16 +38,20 @@ import time
 from twisted_graceful.master import STABLE_SECONDS
 from twisted_graceful.statusfile import read_status
 
+from bench.peers import Gunicorn, ensure_gunicorn, until_new_pids
 from bench.reload import (
     REPO,
     TWISTD,
     Recorder,
     check_commits,
     check_posts,
+    free_port,
     http_client,
     run_and_report,
     txn_client,
 )
+
+WORKER_COUNTS = (1, 2)
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -76,14 +84,15 @@ class Cluster:
     `twistd graceful --workers N`, followed through its status file.
     """
 
-    def __init__(self, workers, workdir, extra=(), env=None):
+    def __init__(self, workers, workdir, extra=(), env=None, port=0, repo=REPO):
         self.workers = workers
+        self.repo = repo
         self.env = env or {}
         self.cwd = tempfile.mkdtemp(dir=workdir, prefix=f"workers{workers}-")
         self.pidfile = os.path.join(self.cwd, "twistd.pid")
         self.db = os.path.join(self.cwd, "bench.sqlite3")
         self.args = [sys.executable, TWISTD, "--nodaemon", "--pidfile", self.pidfile,
-                     "graceful", "--port", "tcp:0:interface=127.0.0.1",
+                     "graceful", "--port", f"tcp:{port}:interface=127.0.0.1",
                      "--txn-port", "tcp:0:interface=127.0.0.1",
                      "--metrics-port", "tcp:0:interface=127.0.0.1", "--db", self.db,
                      "--slow-every", "0", "--workers", str(workers), *extra]
@@ -94,7 +103,7 @@ class Cluster:
         self.proc = await asyncio.create_subprocess_exec(
             *self.args, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=REPO, **self.env), start_new_session=True)
+            env=dict(os.environ, PYTHONPATH=self.repo, **self.env), start_new_session=True)
         self.master = self.proc.pid
         entry = await self.wait(1)
         worker = entry["workers"][0]["pid"]
@@ -384,25 +393,142 @@ async def under_load(opts, workdir):
     return result
 
 
+def compile_bytecode(*paths):
+    """
+    Write every .pyc before anything is timed: a first run's bytecode
+    compilation is not what a start costs.
+    """
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *paths], timeout=900,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def our_paths():
+    import sysconfig
+
+    return [os.path.join(REPO, "twisted_graceful"), os.path.join(REPO, "twisted"),
+            sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+
+
+async def our_start(workers, workdir, upgrades, repo=REPO):
+    """
+    `twistd graceful --workers N`: a fresh start's time to its first answer,
+    then C{upgrades} SIGHUPs, each timed to the first answer from a new
+    worker and to every new worker having answered.
+    """
+    port = free_port()
+    cluster = Cluster(workers, workdir, port=port, repo=repo)
+    t0 = time.monotonic()
+    starting = asyncio.ensure_future(cluster.start())
+    try:
+        first = await first_answer(port) - t0
+        await starting
+        sighups = []
+        for generation in range(2, 2 + upgrades):
+            old = set(cluster.pids())
+            t1 = time.monotonic()
+            os.kill(cluster.master, signal.SIGHUP)
+            new_first, new_every, seen = await until_new_pids(port, old, workers, t1)
+            cpu = cpu_seconds(seen)  # the new workers' starts (the master's part is small)
+            entry = await cluster.wait(generation)
+            sighups.append({"first": new_first, "every": new_every, "cpu": cpu,
+                            "all_ready": entry["last_upgrade"]["duration_seconds"]})
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await cluster.stop()
+    return {"fresh": first, "upgrades": sighups}
+
+
+async def gunicorn_start(script, workers, workdir, upgrades):
+    """
+    The same for gunicorn: a fresh start, then C{upgrades} USR2s.
+    """
+    port = free_port()
+    server = Gunicorn(script, workers, tempfile.mkdtemp(dir=workdir, prefix="gunicorn-"), port)
+    t0 = time.monotonic()
+    server.start()
+    try:
+        first = await first_answer(port) - t0
+        await until_new_pids(port, {server.master}, workers, t0)  # every worker serves
+        usr2 = []
+        for _ in range(upgrades):
+            new_first, new_every, cpu = await server.upgrade()
+            usr2.append({"first": new_first, "every": new_every, "cpu": cpu})
+    finally:
+        await server.stop()
+    return {"fresh": first, "upgrades": usr2}
+
+
 async def start_times(opts, workdir):
     """
-    A fresh start's time to its first answer, against signal-to-all-ready.
+    A fresh start's time to its first answer, and a signal's time to the new
+    workers answering, ours (SIGHUP) and, with --peers, gunicorn's (USR2),
+    for 1 and 2 workers, in interleaved rounds.
     """
-    fresh = []
-    for _ in range(3):
-        cluster = Cluster(2, workdir)
-        t0 = time.monotonic()
-        await cluster.start()
-        # start() returns once every worker serves; the first answer came before.
-        fresh.append(time.monotonic() - t0)
-        upgrade = []
-        for generation in (2, 3):
-            os.kill(cluster.master, signal.SIGHUP)
-            entry = await cluster.wait(generation)
-            upgrade.append(entry["last_upgrade"]["duration_seconds"])
-        await cluster.stop()
-    return {"fresh_start_all_ready_s": statistics.median(fresh),
-            "signal_to_all_ready_s": statistics.median(upgrade)}
+    compile_bytecode(*our_paths())
+    out = {"rounds": opts.rounds, "upgrades_per_round": opts.start_upgrades}
+    variants = [("ours", None)]
+    if opts.baseline:
+        # The same server from another checkout (e.g. `git archive` of the
+        # commit before a change), in the same rounds.
+        compile_bytecode(os.path.join(opts.baseline, "twisted_graceful"),
+                         os.path.join(opts.baseline, "twisted"))
+        out["baseline_repo"] = opts.baseline
+        variants.append(("baseline", os.path.abspath(opts.baseline)))
+    if opts.peers:
+        script, version = ensure_gunicorn()
+        out["gunicorn_version"] = version
+        variants.append(("gunicorn", script))
+    results = {(name, n): [] for name, _ in variants for n in WORKER_COUNTS}
+    for r in range(opts.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for n in WORKER_COUNTS:
+            for name, script in order:
+                if name == "ours":
+                    results[(name, n)].append(
+                        await our_start(n, workdir, opts.start_upgrades))
+                elif name == "baseline":
+                    results[(name, n)].append(
+                        await our_start(n, workdir, opts.start_upgrades, repo=script))
+                else:
+                    results[(name, n)].append(
+                        await gunicorn_start(script, n, workdir, opts.start_upgrades))
+    med = statistics.median
+    for (name, n), runs in results.items():
+        ups = [u for run in runs for u in run["upgrades"]]
+        entry = out.setdefault(name, {})[f"w{n}"] = {
+            "fresh_first_answer_s": med(run["fresh"] for run in runs),
+            "signal_to_first_new_answer_s": med(u["first"] for u in ups),
+            "signal_to_every_new_answered_s": med(u["every"] for u in ups),
+            "upgrade_cpu_s": med(u["cpu"] for u in ups),
+            "samples": {"fresh": len(runs), "upgrades": len(ups)},
+        }
+        if name in ("ours", "baseline"):
+            entry["signal_to_all_ready_s"] = med(u["all_ready"] for u in ups)
+    for n in WORKER_COUNTS:
+        ours = out["ours"][f"w{n}"]
+        ratios = out.setdefault("ratios", {})[f"w{n}"] = {
+            "ours_sighup_every / ours_fresh": (ours["signal_to_every_new_answered_s"]
+                                               / ours["fresh_first_answer_s"])}
+        if "baseline" in out:
+            b = out["baseline"][f"w{n}"]
+            ratios["ours_sighup_every / baseline_sighup_every"] = (
+                ours["signal_to_every_new_answered_s"] / b["signal_to_every_new_answered_s"])
+            ratios["ours_upgrade_cpu / baseline_upgrade_cpu"] = (ours["upgrade_cpu_s"]
+                                                                  / b["upgrade_cpu_s"])
+            ratios["ours_fresh / baseline_fresh"] = (ours["fresh_first_answer_s"]
+                                                    / b["fresh_first_answer_s"])
+        if "gunicorn" in out:
+            g = out["gunicorn"][f"w{n}"]
+            ratios["ours_sighup_first / gunicorn_usr2_first"] = (
+                ours["signal_to_first_new_answer_s"] / g["signal_to_first_new_answer_s"])
+            ratios["ours_sighup_every / gunicorn_usr2_every"] = (
+                ours["signal_to_every_new_answered_s"] / g["signal_to_every_new_answered_s"])
+            ratios["ours_upgrade_cpu / gunicorn_upgrade_cpu"] = (ours["upgrade_cpu_s"]
+                                                                  / g["upgrade_cpu_s"])
+            ratios["ours_fresh / gunicorn_fresh"] = (ours["fresh_first_answer_s"]
+                                                    / g["fresh_first_answer_s"])
+    return out
 
 
 async def main_async(opts):
@@ -453,9 +579,31 @@ def print_report(report):
         print_load(u)
     s = report.get("start")
     if s is not None:
-        print(f"## start: fresh start to all ready {s['fresh_start_all_ready_s']:.2f} s; signal "
-              f"to all new workers ready {s['signal_to_all_ready_s']:.2f} s (ratio "
-              f"{s['signal_to_all_ready_s'] / s['fresh_start_all_ready_s']:.2f})")
+        print_start(s)
+
+
+def print_start(s):
+    print(f"## start and upgrade ({s['rounds']} interleaved rounds, "
+          f"{s['upgrades_per_round']} upgrades each; medians, ms)"
+          + (f"; gunicorn {s['gunicorn_version']}" if "gunicorn" in s else ""))
+    print("| server | workers | fresh start to first answer | signal to first new answer "
+          "| signal to every new worker answered | signal to all ready (master) "
+          "| CPU of the new set |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("ours", "baseline", "gunicorn"):
+        for n in WORKER_COUNTS:
+            r = s.get(name, {}).get(f"w{n}")
+            if r is None:
+                continue
+            ready = r.get("signal_to_all_ready_s")
+            print(f"| {name} | {n} | {r['fresh_first_answer_s'] * 1000:.0f} | "
+                  f"{r['signal_to_first_new_answer_s'] * 1000:.0f} | "
+                  f"{r['signal_to_every_new_answered_s'] * 1000:.0f} | "
+                  f"{'' if ready is None else f'{ready * 1000:.0f}'} | "
+                  f"{r['upgrade_cpu_s'] * 1000:.0f} |")
+    for n in WORKER_COUNTS:
+        for what, ratio in s["ratios"][f"w{n}"].items():
+            print(f"  workers {n}: {what} = {ratio:.2f}")
 
 
 def print_load(u):
@@ -479,6 +627,14 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--interval", type=float, default=0.5)
     p.add_argument("--only", help="comma-separated: throughput, load, start (default: all)")
+    p.add_argument("--start-upgrades", type=int, default=3,
+                   help="start: signals per server and round (default 3)")
+    p.add_argument("--baseline", metavar="CHECKOUT",
+                   help="start: measure this checkout of twisted-graceful too (its "
+                        "twisted_graceful and twisted/plugins), e.g. the commit before a change")
+    p.add_argument("--peers", action="store_true",
+                   help="start: measure gunicorn too (installs it with pip into "
+                        "~/.cache/twisted-graceful-bench/venv on first use)")
     p.add_argument("--json")
     return p.parse_args(argv)
 

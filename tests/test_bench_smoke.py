@@ -36,6 +36,27 @@ class BenchSmokeTests(unittest.TestCase):
         self.assertEqual(len(handover["generations"]), 4)
         self.assertIn("| handover | 3 |", result.stdout)
 
+    def test_start_times_run_without_peers(self):
+        # One round of `--only start`: ours only (the test suite never
+        # installs gunicorn: that is --peers).
+        out = os.path.abspath(self.mktemp())
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.workers", "--only", "start", "--rounds", "1",
+             "--start-upgrades", "1", "--json", out],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open(out) as f:
+            start = json.load(f)["start"]
+        self.assertNotIn("gunicorn", start)
+        for n in (1, 2):
+            ours = start["ours"][f"w{n}"]
+            self.assertEqual(ours["samples"], {"fresh": 1, "upgrades": 1})
+            self.assertGreater(ours["fresh_first_answer_s"], 0)
+            self.assertGreaterEqual(ours["signal_to_every_new_answered_s"],
+                                    ours["signal_to_first_new_answer_s"])
+            self.assertIn("ours_sighup_every / ours_fresh", start["ratios"][f"w{n}"])
+        self.assertIn("| ours | 2 |", result.stdout)
 
 class ChannelInstructionsTests(unittest.SynchronousTestCase):
     """

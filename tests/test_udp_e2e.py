@@ -111,6 +111,10 @@ class UpgradeTests(PingsThroughUpgradesMixin, unittest.TestCase):
     def test_pings_through_five_upgrades_with_two_workers(self):
         server = self.start("--workers", "2")
         master = server.wait_pidfile()
+        # One worker serving is not the master serving: a SIGHUP before every
+        # first worker is ready is refused, and the reload would wait for ever.
+        server.wait_entry(master, lambda e: e.get("state") == "serving",
+                          "the master serving (both first workers ready)")
         port = self.udp_port(server)
         load = self.assert_pings_through_upgrades(server, port)
         # Both workers of a set read the one socket, and the master none.
@@ -213,6 +217,8 @@ class SocketActivationTests(PingsThroughUpgradesMixin, unittest.TestCase):
         self.assertRegex(reply, rb"^PONG first pid \d+ generation 1\n$")
         master = server.wait_pidfile()
         self.assertEqual(master, server.proc.pid)  # systemd-socket-activate exec'ed twistd
+        server.wait_entry(master, lambda e: e.get("state") == "serving",
+                          "the master serving (both first workers ready)")
         self.assert_pings_through_upgrades(server, port, upgrades=3)
         self.assertEqual(self.udp_port(server), port)  # what the workers say they serve
 

@@ -44,6 +44,13 @@ else (docs/design.md, "What the code relies on").
     and the date C{Site._logDateTime} caches, as C{HTTPFactory.log} does,
     but writes to its own buffer instead of C{twisted.logger}
     (C{tests/test_access_log.py}).
+  - L{reactor_without_tls}: the reactor's own imports of TLS
+    (C{twisted.internet.posixbase} imports C{twisted.protocols.tls} and
+    C{twisted.internet.ssl}, C{twisted.internet.tcp} imports
+    C{twisted.internet._newtls}, each in a C{try}/C{except ImportError}):
+    in a process with no TLS listener they are made to fail, which saves
+    the import of pyOpenSSL, C{cryptography} and C{service_identity} at
+    every start (docs/design.md, fact 42).
   - L{exit_on_usage_error}: twistd's C{app.run} before Twisted 26.10 prints a
     usage error and returns, so C{twistd graceful --port nonsense} exits 0
     (twisted#12656): a deploy script or systemd would take a refused start
@@ -60,13 +67,21 @@ import weakref
 
 import twisted
 from twisted.application import app as twistd_app
-from twisted.internet import tcp
-from twisted.web import http as _web_http
 
 from twisted_graceful.pidfile import read_pid
 
-# twisted.web.http is a deprecation proxy: bind the class once, not per connection.
-GenericHTTPChannelProtocol = _web_http._GenericHTTPChannelProtocol
+
+def __getattr__(name):
+    # GenericHTTPChannelProtocol, bound when first asked for (by
+    # twisted_graceful.http, once): a master serves no HTTP and does not
+    # import twisted.web. twisted.web.http is a deprecation proxy: the class
+    # is bound once, not read through it per connection.
+    if name == "GenericHTTPChannelProtocol":
+        from twisted.web import http as _web_http
+
+        value = globals()[name] = _web_http._GenericHTTPChannelProtocol
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adopt_listening_port(reactor, sock, factory):
@@ -95,6 +110,8 @@ def adopt_listening_port(reactor, sock, factory):
     sock.close()
     port._shouldShutdown = False
     if sock.family == socket.AF_UNIX:
+        from twisted.internet import tcp  # (the reactor imported it)
+
         # tcp.Port.connectionLost closes without unlinking the path.
         port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
     return port
@@ -286,6 +303,31 @@ def _parsed_by_twistd():
             return True
         frame = frame.f_back
     return False
+
+
+# What the reactor imports for TLS when it can; none of it imported yet, or
+# it is too late to do without.
+_TLS_MODULES = ("OpenSSL", "twisted.internet.tcp", "twisted.internet.ssl", "twisted.protocols.tls",
+                "twisted.internet._newtls", "twisted.internet._sslverify")
+
+
+def reactor_without_tls(modules=None):
+    """
+    Under twistd, in a process that will serve no TLS (docs/design.md, fact
+    42): make C{import OpenSSL} fail, before the reactor is imported, so that
+    Twisted's reactor and TCP transport come up without TLS support (as they
+    do when pyOpenSSL is not installed) and the process does not import
+    pyOpenSSL, C{cryptography} and C{service_identity}, a fifth of a
+    worker's start. Nothing is done outside twistd (a test, the preflight,
+    an application of its own) or once any of it is imported.
+
+    @return: whether it was done.
+    """
+    modules = sys.modules if modules is None else modules
+    if any(name in modules for name in _TLS_MODULES) or not _parsed_by_twistd():
+        return False
+    modules["OpenSSL"] = None  # `import OpenSSL` raises ImportError from now on
+    return True
 
 
 def exit_on_usage_error(options, error):

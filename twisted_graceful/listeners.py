@@ -28,6 +28,14 @@ class ListenerError(Exception):
     """
 
 
+class CertificateError(ListenerError):
+    """
+    A TLS listener's certificate or key cannot be used; the message names the
+    option, the file and why. (Defined here so that catching it does not
+    import pyOpenSSL; L{twisted_graceful.tls} raises it.)
+    """
+
+
 # What an option listens for: a stream socket (tcp:, tcp6:, unix:), a
 # datagram socket (udp:) or a TCP socket serving TLS (ssl:); each also takes
 # systemd:NAME, a socket of that type passed by systemd.

@@ -32,15 +32,12 @@ process, alive or gone: counters go on across upgrades and worker restarts.
     install_master(master_service)           # in the master: the directory
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import task
@@ -50,25 +47,33 @@ from twisted.web import resource
 from twisted_graceful._twisted import GenericHTTPChannelProtocol
 from twisted_graceful.http import DrainableHTTPChannel, GracefulSite
 from twisted_graceful.lifecycle import STARTING, STATES
+from twisted_graceful.master_metrics import (  # noqa: F401 (these were defined here)
+    HELP_RESTARTS,
+    HELP_SHARED_GENERATION,
+    HELP_SHARED_RELOADS,
+    HELP_SHARED_STATE,
+    HELP_SHARED_UPGRADE,
+    MULTIPROC_ENV,
+    MULTIPROC_PREFIX,
+    RELOAD_RESULTS,
+    UPGRADE_BUCKETS,
+    MasterMetrics,
+    install_master,
+    master_directory,
+    use_multiprocess,
+)
 from twisted_graceful.statusfile import (
     ProcessStatus,
     StatusFile,
-    StatusResource,
     read_status,
     status_path,
 )
-from twisted_graceful.statuspage import OverviewResource, StatusPage
+from twisted_graceful.statuspage import OverviewResource, StatusPage, StatusResource
 
 RELOADS_ENV = "GRACEFUL_RELOADS"
-RELOAD_RESULTS = ("ok", "failed", "timeout")
 TXN_RESULTS = ("committed", "aborted", "error")
 HTTP_RESULTS = ("1xx", "2xx", "3xx", "4xx", "5xx")
-UPGRADE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DRAIN_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-# prometheus_client's multiprocess mode: the directory every process of one
-# server writes its metrics into (an ordinary variable of the environment).
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-MULTIPROC_PREFIX = "twisted-graceful-metrics-"
 # How often a worker writes its open connections and transactions in flight
 # (and whenever it answers a scrape).
 LIVE_REFRESH_SECONDS = 1.0
@@ -91,23 +96,15 @@ HELP_INFLIGHT = ("Connections inside a transaction (an HTTP request being handle
 HELP_STATE = "1 for the state this process is in"
 HELP_GENERATION = ("Generation of this process (1: started by hand; each successful upgrade "
                    "adds 1). Counters reset when it changes.")
-# Under a master the same metrics mean the whole server:
-HELP_SHARED_RELOADS = ("Upgrades of the workers (SIGHUP to the master) by result: ok, failed "
-                       "(a new worker exited or could not start), timeout (not all ready in "
-                       "time)")
-HELP_SHARED_UPGRADE = "Successful upgrades: from the signal to every new worker being ready"
+# Under a master the same metrics mean the whole server (the master's own in
+# twisted_graceful.master_metrics):
 HELP_SHARED_DRAIN = ("Drains of workers: from the moment a worker stopped accepting to its last "
                      "connection closed (one per worker)")
-HELP_SHARED_GENERATION = ("Generation of the workers that serve (1: the first set; each "
-                          "successful upgrade adds 1)")
-HELP_SHARED_STATE = "1 for the state the master is in"
 HELP_DATAGRAMS = ("Datagrams read on the UDP listener by result: pong (a PING answered), log "
                   "(any other datagram), refused (a malformed PING, or its answer could not "
                   "be sent)")
 HELP_CERT_EXPIRY = ("When the certificate a TLS listener serves to new connections expires "
                     "(Unix time; loaded by each generation when it starts)")
-HELP_RESTARTS = ("Workers that exited unexpectedly (serving, or starting in place of one that "
-                 "did) and were replaced")
 
 
 class GracefulMetrics:
@@ -598,20 +595,8 @@ class MetricsSite(GracefulSite):
 
 
 # --- across processes (a master and its workers) ------------------------------
-
-def use_multiprocess(directory, environ=None):
-    """
-    This process writes its prometheus_client values into C{directory}:
-    what prometheus_client chooses by itself when C{PROMETHEUS_MULTIPROC_DIR}
-    is set before it is imported (a worker, started with it), and what a
-    master, which imported it before making the directory, asks for here.
-    Metrics made earlier keep their values in memory.
-    """
-    environ = os.environ if environ is None else environ
-    environ[MULTIPROC_ENV] = directory
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue()
-
+# The master's side (use_multiprocess, master_directory, MasterMetrics,
+# install_master) is in twisted_graceful.master_metrics, imported from here too.
 
 def worker_directory(graceful):
     """
@@ -625,115 +610,6 @@ def worker_directory(graceful):
         return None
     directory = graceful.environ.get(MULTIPROC_ENV)
     return directory if directory and os.path.isdir(directory) else None
-
-
-def master_directory(master):
-    """
-    The master's directory: a new private one; after a re-exec (SIGUSR2,
-    same PID, same workers), the one our previous image made, so that its
-    workers and its own counts stay in the view.
-    """
-    inherited = master.environ.get(MULTIPROC_ENV)
-    if (master.execs and inherited and os.path.basename(inherited).startswith(MULTIPROC_PREFIX)
-            and os.path.isdir(inherited) and os.stat(inherited).st_uid == os.getuid()):
-        return inherited
-    return tempfile.mkdtemp(prefix=MULTIPROC_PREFIX)
-
-
-class MasterMetrics:
-    """
-    The master's share of the workers' C{/metrics}: it has no metrics
-    listener, so it writes what only it knows into the directory the
-    workers share, as one more process: upgrades by result and their
-    duration, workers replaced, the generation that serves and its own state.
-    It gives the directory to every worker (in their environment) and, when
-    a worker exits, removes its share of the gauges of live processes.
-
-    @param master: a L{twisted_graceful.master.MasterService}.
-    """
-
-    log = Logger()
-
-    def __init__(self, master, directory):
-        self.master = master
-        self.directory = directory
-        master.environ[MULTIPROC_ENV] = directory  # every worker's environment
-        self._metrics = None
-        master.add_observer(self._event)
-        master.master.exit_hooks.append(self.process_ended)
-
-    def _made(self):
-        # Made at the first event, in the process that runs the reactor (not
-        # in the one twistd forks it from when it daemonizes).
-        if self._metrics is None:
-            m = self._metrics = {}
-            m["reloads"] = Counter("graceful_reloads", HELP_SHARED_RELOADS, ["result"],
-                                   registry=None)
-            for result in RELOAD_RESULTS:
-                m["reloads"].labels(result)
-            m["upgrade"] = Histogram("graceful_upgrade_duration_seconds", HELP_SHARED_UPGRADE,
-                                     buckets=UPGRADE_BUCKETS, registry=None)
-            m["restarts"] = Counter("graceful_worker_restarts", HELP_RESTARTS, registry=None)
-            # Only the master writes these: "mostrecent" serves the value it
-            # set last, as one series without a pid label (summing or taking
-            # the largest would be the same with one writer, but says less).
-            m["generation"] = Gauge("graceful_generation", HELP_SHARED_GENERATION,
-                                    registry=None, multiprocess_mode="mostrecent")
-            m["state"] = Gauge("graceful_state", HELP_SHARED_STATE, ["state"], registry=None,
-                               multiprocess_mode="mostrecent")
-        return self._metrics
-
-    def _event(self, event, generation=None, state=None, **details):
-        m = self._made()
-        if event in ("upgrade-ok", "upgrade-failed") and state != STARTING:
-            # (The first set failing is not an upgrade: the master exits.)
-            outcome = details["outcome"]
-            result = outcome.result if outcome.result in RELOAD_RESULTS else "failed"
-            m["reloads"].labels(result).inc()
-            if result == "ok" and outcome.duration is not None:
-                m["upgrade"].observe(outcome.duration)
-        elif event == "worker-exited" and not details.get("expected"):
-            m["restarts"].inc()
-        if generation is not None:
-            m["generation"].set(generation)
-        if state is not None:
-            for name in STATES:
-                m["state"].labels(name).set(1 if name == state else 0)
-
-    def process_ended(self, pid):
-        """
-        A worker exited: its open connections and transactions in flight are
-        no longer the server's. Its counters stay in the sum.
-        """
-        if not pid:
-            return
-        try:
-            mark_process_dead(pid, self.directory)
-        except OSError as e:
-            self.log.warn("metrics: could not remove the live gauges of pid {pid}: {err}",
-                          pid=pid, err=e)
-
-    def close(self):
-        """
-        Remove the directory (the master is exiting; every worker is gone).
-        """
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def install_master(master):
-    """
-    In the master: make (or keep, after a re-exec) the directory, write this
-    process's own values there, hand it to every worker, and remove it when
-    the master exits. Returns the L{MasterMetrics}.
-    """
-    directory = master_directory(master)
-    use_multiprocess(directory)
-    shared = MasterMetrics(master, directory)
-    # A re-exec replaces the process image without either of these: the next
-    # image keeps the directory.
-    master.reactor.addSystemEventTrigger("after", "shutdown", shared.close)
-    atexit.register(shared.close)
-    return shared
 
 
 def install(graceful, description, option="--metrics-port", http_site=None, txn_factory=None,

@@ -55,9 +55,15 @@ from twisted_graceful.lifecycle import (
     Lifecycle,
     stop_reactor,
 )
-from twisted_graceful.listeners import STREAM, TLS, ListenSpec, describe_socket, parse_listen_description
+from twisted_graceful.listeners import (
+    STREAM,
+    TLS,
+    CertificateError,
+    ListenSpec,
+    describe_socket,
+    parse_listen_description,
+)
 from twisted_graceful.parent import NextGenerationProcess, spawn_next_generation
-from twisted_graceful.tls import CertificateError, load_certificate, tls_factory
 
 # Readiness checks are retried after 0.1 s, 0.2 s, ... up to 2 s apart.
 READINESS_RETRY = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0, jitter=lambda: 0.0)
@@ -93,6 +99,9 @@ class Listener:
         What the port serves: the factory, over TLS for a TLS listener.
         """
         if self.spec.role == TLS:
+            # Imported here: a server without a TLS listener never needs it.
+            from twisted_graceful.tls import load_certificate, tls_factory
+
             if self.certificate is None:
                 self.certificate = load_certificate(self.spec, self.option)
             return tls_factory(self.certificate, self.factory)

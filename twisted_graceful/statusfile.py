@@ -13,7 +13,6 @@ import time
 
 from twisted.internet import task
 from twisted.logger import Logger
-from twisted.web import resource
 
 from twisted_graceful.pidfile import atomic_write, pid_alive
 from twisted_graceful.timeline import UpgradeTimeline
@@ -296,24 +295,12 @@ def server_view(pidfile, alive=pid_alive):
     return view
 
 
-class StatusResource(resource.Resource):
-    """
-    C{GET /status}: this process's L{ProcessStatus} as JSON, and under
-    C{server} every live process of the server (a worker answers for the
-    master and the other workers too).
-    """
+def __getattr__(name):
+    # StatusResource lives with the other resources of the metrics listener
+    # (twisted_graceful.statuspage): a master writes the status file but
+    # serves nothing, and does not import twisted.web.
+    if name == "StatusResource":
+        from twisted_graceful.statuspage import StatusResource
 
-    isLeaf = True
-
-    def __init__(self, status):
-        resource.Resource.__init__(self)
-        self.status = status
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        doc = self.status.as_dict()
-        doc["server"] = server_view(self.status.graceful.pidfile)
-        return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
-
-    render_HEAD = render_GET
+        return StatusResource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

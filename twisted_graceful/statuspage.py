@@ -16,7 +16,7 @@ from twisted.web import resource
 
 from twisted_graceful.overview import server_overview
 from twisted_graceful.pidfile import pid_alive
-from twisted_graceful.statusfile import read_status, status_path
+from twisted_graceful.statusfile import read_status, server_view, status_path
 
 POLL_MILLISECONDS = 1000
 
@@ -213,3 +213,26 @@ poll();
 </body>
 </html>
 """
+
+
+class StatusResource(resource.Resource):
+    """
+    C{GET /status}: this process's L{ProcessStatus} as JSON, and under
+    C{server} every live process of the server (a worker answers for the
+    master and the other workers too).
+    """
+
+    isLeaf = True
+
+    def __init__(self, status):
+        resource.Resource.__init__(self)
+        self.status = status
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        doc = self.status.as_dict()
+        doc["server"] = server_view(self.status.graceful.pidfile)
+        return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+    render_HEAD = render_GET

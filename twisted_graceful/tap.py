@@ -7,25 +7,21 @@ import sys
 
 from twisted.python import usage
 
-from twisted_graceful import logs, metrics
-from twisted_graceful._twisted import exit_on_usage_error
-from twisted_graceful.access_log import check_access_log, log_when_serving, open_access_log
+# Only what the options and a master need is imported here; what serves is
+# imported by makeService in the process that serves (docs/design.md,
+# "Start-up cost"): a master never imports twisted.web, a server without
+# --tls-port never imports twisted_graceful.tls.
+from twisted_graceful import logs
+from twisted_graceful._twisted import exit_on_usage_error, reactor_without_tls
+from twisted_graceful.access_log import check_access_log
 from twisted_graceful.command import next_generation_command
-from twisted_graceful.datagram import PingProtocol, self_test_ping
 from twisted_graceful.drain import DRAIN_MODES
 from twisted_graceful.handoff import WORKER, HandoffError
-from twisted_graceful.hello import HelloResource, ServerIdentity
-from twisted_graceful.http import GracefulSite, HTTPSelfTest
 from twisted_graceful.inherit import Inheritance
 from twisted_graceful.listeners import DATAGRAM, STREAM, TLS, ListenerError, parse_listen_description
-from twisted_graceful.master import MasterService
 from twisted_graceful.notify import install_sd_notify
-from twisted_graceful.service import GracefulService
 from twisted_graceful.startup import StartupError, exit_with
-from twisted_graceful.statusfile import StatusFile
-from twisted_graceful.store import Store, is_postgres, open_problem, redact
-from twisted_graceful.tls import load_certificate
-from twisted_graceful.txn import TxnFactory
+from twisted_graceful.store import is_postgres, open_problem, redact
 
 
 def _positive(name, cast=float, allow_zero=False):
@@ -214,6 +210,8 @@ class Options(usage.Options):
         except ListenerError as e:
             raise usage.UsageError(str(e))  # a description that cannot be parsed
         self.specs = specs
+        if not any(spec.role == TLS for spec in specs.values()):
+            reactor_without_tls()  # no TLS here: not pyOpenSSL either (fact 42)
         try:
             if getattr(self, "preflight", False):
                 self.certificates = load_certificates(specs, options)
@@ -242,6 +240,10 @@ def load_certificates(specs, options):
     """
     listener name -> L{LoadedCertificate}, for every TLS listener.
     """
+    if not any(spec.role == TLS for spec in specs.values()):
+        return {}
+    from twisted_graceful.tls import load_certificate
+
     return {name: load_certificate(spec, options[name]) for name, spec in specs.items()
             if spec.role == TLS}
 
@@ -279,6 +281,22 @@ def makeService(options):
 
     if is_master(options):
         return make_master(options, reactor, pidfile, command, twistd_config)
+    return make_server(options, reactor, pidfile, command)
+
+
+def make_server(options, reactor, pidfile, command):
+    """
+    A process that serves: a worker of a master, or a server alone
+    (C{--workers 0}).
+    """
+    from twisted_graceful import metrics
+    from twisted_graceful.access_log import log_when_serving, open_access_log
+    from twisted_graceful.datagram import PingProtocol, self_test_ping
+    from twisted_graceful.hello import HelloResource, ServerIdentity
+    from twisted_graceful.http import GracefulSite, HTTPSelfTest
+    from twisted_graceful.service import GracefulService
+    from twisted_graceful.store import Store
+    from twisted_graceful.txn import TxnFactory
 
     graceful = GracefulService(
         reactor,
@@ -343,6 +361,10 @@ def make_master(options, reactor, pidfile, command, twistd_config):
     """
     The master: the listeners' sockets and the workers, nothing served here.
     """
+    from twisted_graceful.master import MasterService
+    from twisted_graceful.master_metrics import install_master
+    from twisted_graceful.statusfile import StatusFile
+
     absolute_pidfile = os.path.join(options.cwd, pidfile) if pidfile else ""
 
     def reexec_command():
@@ -363,7 +385,7 @@ def make_master(options, reactor, pidfile, command, twistd_config):
         preflight_command=preflight_command, adopted=inh.workers, generation=inh.generation,
         shutdown_delay=options["shutdown-delay"],
     )
-    metrics.install_master(master)  # the directory the workers' /metrics sum
+    install_master(master)  # the directory the workers' /metrics sum
     StatusFile(master)
     install_sd_notify(master)
     return master

@@ -25,14 +25,9 @@ from twisted.internet import error, ssl
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_graceful._twisted import ssl_context
-from twisted_graceful.listeners import ListenerError
+from twisted_graceful.listeners import CertificateError
 
-
-class CertificateError(ListenerError):
-    """
-    A TLS listener's certificate or key cannot be used; the message names the
-    option, the file and why.
-    """
+__all__ = ["CertificateError", "LoadedCertificate", "load_certificate", "tls_factory"]
 
 
 class LoadedCertificate:
