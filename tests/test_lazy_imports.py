@@ -1,5 +1,5 @@
 """
-What each kind of process imports (docs/design.md, fact 42): a master,
+What each kind of process imports (docs/design.md, fact 43): a master,
 which serves nothing, must not import twisted.web, the metrics site, the
 TLS or PostgreSQL code; a serving process imports what it serves and not
 the code of listeners and databases it does not have; without a TLS
@@ -51,7 +51,7 @@ def run_app(config):
 sys.argv = ["twistd", "--nodaemon", "graceful", *sys.argv[1:]]
 app.run(run_app, ServerOptions)
 """
-# Imported by a process with no TLS listener (fact 42): never.
+# Imported by a process with no TLS listener (fact 43): never.
 TLS_MODULES = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl",
                "twisted.protocols.tls", "twisted_graceful.tls")
 

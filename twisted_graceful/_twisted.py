@@ -50,7 +50,7 @@ else (docs/design.md, "What the code relies on").
     C{twisted.internet._newtls}, each in a C{try}/C{except ImportError}):
     in a process with no TLS listener they are made to fail, which saves
     the import of pyOpenSSL, C{cryptography} and C{service_identity} at
-    every start (docs/design.md, fact 42).
+    every start (docs/design.md, fact 43).
   - L{exit_on_usage_error}: twistd's C{app.run} before Twisted 26.10 prints a
     usage error and returns, so C{twistd graceful --port nonsense} exits 0
     (twisted#12656): a deploy script or systemd would take a refused start

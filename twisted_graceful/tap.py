@@ -211,7 +211,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))  # a description that cannot be parsed
         self.specs = specs
         if not any(spec.role == TLS for spec in specs.values()):
-            reactor_without_tls()  # no TLS here: not pyOpenSSL either (fact 42)
+            reactor_without_tls()  # no TLS here: not pyOpenSSL either (fact 43)
         try:
             if getattr(self, "preflight", False):
                 self.certificates = load_certificates(specs, options)
