@@ -999,7 +999,7 @@ async def instructions_per_request(args, cwd, requests, port):
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = await asyncio.create_subprocess_exec(
         valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-        os.path.realpath(sys.executable), TWISTD, "--nodaemon", "--pidfile=", *args,
+        sys.executable, TWISTD, "--nodaemon", "--pidfile=", *args,
         cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:

@@ -98,7 +98,7 @@ def _free_port():
 
 
 def server_command(server, cwd, port, txn_port, workers, timeout, extra=()):
-    twistd = [os.path.realpath(sys.executable), TWISTD, "--nodaemon", "--pidfile",
+    twistd = [sys.executable, TWISTD, "--nodaemon", "--pidfile",
               os.path.join(cwd, "twistd.pid")]
     if server == "bare":
         return twistd + ["web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--class",
