@@ -33,6 +33,31 @@ DEFAULT_TIMEOUT = 30.0
 MARKER_ENV = "GRACEFUL_TEST_SERVER"
 SETTLED_STATES = ("serving", "draining", "shutting-down", "exited")
 
+# A signal ignored by a process is still ignored by the program it execs: a
+# suite started in the background (`cmd &` in a script, nohup) ignores
+# SIGINT and SIGQUIT (and SIGHUP), and so would every server it starts,
+# which Twisted then leaves ignored (a SIGINT handler is installed only where
+# Python installed its own). A server started by a shell in the foreground,
+# or by a service manager, has every signal at its default: start ours that
+# way, through this trampoline, which resets what this interpreter ignores,
+# as Twisted's spawnProcess does for a child, then execs the command (same
+# pid).
+_DEFAULT_SIGNALS = (
+    "import os, signal, sys\n"
+    "for signum in signal.valid_signals():\n"
+    "    if signal.getsignal(signum) == signal.SIG_IGN:\n"
+    "        signal.signal(signum, signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def with_default_signals(argv):
+    """
+    C{argv} run with every signal at its default disposition, whatever this
+    process ignores (see L{_DEFAULT_SIGNALS}); the process keeps its pid.
+    """
+    return [sys.executable, "-I", "-S", "-c", _DEFAULT_SIGNALS] + list(argv)
+
 
 class ServerProcess:
     """
@@ -78,7 +103,7 @@ class ServerProcess:
 
     def start(self):
         self.proc = subprocess.Popen(
-            self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+            with_default_signals(self.command), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self.testcase.addCleanup(self.kill_all)
@@ -480,14 +505,15 @@ class ServerProcess:
                                    f"pid {pid} is alive beside current pid {current}")
         self.testcase.assertEqual(self.read_pidfile(), current)
 
-    def assert_all_gone_within(self, seconds):
+    def assert_all_gone_within(self, seconds, after="SIGTERM"):
         """
-        Every process of this server exits within C{seconds} (invariant 4).
+        Every process of this server exits within C{seconds} of C{after}
+        (invariant 4).
         """
         deadline = time.monotonic() + seconds
         while self.live_processes():
             if time.monotonic() > deadline:
-                raise AssertionError(f"still alive {seconds} s after SIGTERM: "
+                raise AssertionError(f"still alive {seconds} s after {after}: "
                                      f"{sorted(self.live_processes())}\n" + self.output())
             time.sleep(0.05)
 

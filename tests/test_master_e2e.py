@@ -218,7 +218,8 @@ class StopTests(MasterTestCase):
         slow.start()
         self.wait_inflight(ports["metrics"])
         server.signal(master, signum)
-        server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK)
+        server.assert_all_gone_within(DRAIN_TIMEOUT + ABORT_GRACE + SLACK,
+                                      signal.Signals(signum).name)
         self.assertIn(server.proc.wait(30), (0, -signum))
         slow.join(30)
         self.assertEqual(result["r"][0], 200)  # a request in flight is finished, not cut

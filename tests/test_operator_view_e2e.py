@@ -24,7 +24,7 @@ from twisted.trial import unittest
 
 from twisted_graceful.top import CLEAR
 
-from tests.e2e import REPO, ServerProcess, unless_required
+from tests.e2e import REPO, ServerProcess, unless_required, with_default_signals
 from tests.test_txn_e2e import COMMITTED, DRAINING, TxnClient
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -96,8 +96,11 @@ class Terminal:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         env = dict(os.environ, PYTHONPATH=REPO, COLUMNS=str(columns), LINES=str(rows))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     close_fds=True, start_new_session=True)
+        # As a shell starts a foreground job: SIGINT (our Ctrl-C) at its
+        # default, even if this suite runs in the background.
+        self.proc = subprocess.Popen(with_default_signals(argv), stdin=slave, stdout=slave,
+                                     stderr=slave, env=env, close_fds=True,
+                                     start_new_session=True)
         os.close(slave)
         self.text = ""
         self.lock = threading.Lock()
