@@ -23,7 +23,7 @@ from twisted_graceful.notify import install_sd_notify
 from twisted_graceful.service import GracefulService
 from twisted_graceful.startup import StartupError, exit_with
 from twisted_graceful.statusfile import StatusFile
-from twisted_graceful.store import Store, is_postgres, open_problem, redact
+from twisted_graceful.store import Store, is_postgres, open_problem, psycopg_unusable, redact
 from twisted_graceful.tls import load_certificate
 from twisted_graceful.txn import TxnFactory
 
@@ -63,6 +63,9 @@ def check_postgres_url(url):
     except ImportError:
         raise usage.UsageError(f"--db {shown}: PostgreSQL needs the psycopg driver "
                                f"(pip install 'psycopg[binary]')")
+    unusable = psycopg_unusable()
+    if unusable:
+        raise usage.UsageError(f"--db {shown}: {unusable}")
 
 
 class Options(usage.Options):
