@@ -93,13 +93,14 @@ def twistd_beside(python):
 
 def interpreter_label(python):
     """
-    C{cpython-3.11.2}, C{pypy-3.9.16}: what C{python} is.
+    C{cpython-3.11.2+twisted-26.10.0}, C{pypy-3.9.16+twisted-25.5.0}: what
+    C{python} is, and the Twisted it runs.
     """
     out = subprocess.run(
-        [python, "-c", "import sys, platform; print(sys.implementation.name, "
-                       "platform.python_version())"],
+        [python, "-c", "import sys, platform, twisted; print(sys.implementation.name, "
+                       "platform.python_version(), twisted.__version__)"],
         capture_output=True, text=True, check=True, timeout=60).stdout.split()
-    return f"{out[0]}-{out[1]}"
+    return f"{out[0]}-{out[1]}+twisted-{out[2]}"
 
 
 class Cluster:
