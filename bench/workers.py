@@ -2,6 +2,15 @@
 The master and its workers, measured (issue: master and workers).
 
     python -m bench.workers --upgrades 100 --kills 20 --rounds 5 [--json FILE]
+    python -m bench.workers --only throughput,interpreters --python /usr/bin/python3 \
+        --python /path/to/pypy-venv/bin/python --warmup 10
+
+  With --python (repeatable) each interpreter runs twistd (the twistd script
+  beside it, this repository on its PYTHONPATH): the throughput rounds
+  interleave every interpreter's variants, each ratio against the first
+  interpreter's `--workers 1`, and `interpreters` measures the start times
+  for each (--start-rounds, --start-workers).
+  --warmup runs wrk on each variant first, unmeasured (PyPy's JIT).
 
   1. throughput: `--workers 2` against `--workers 1`, keep-alive and
      `Connection: close`, wrk with one thread, in interleaved rounds (medians
@@ -79,19 +88,45 @@ def rss_kib(pid):
     return None
 
 
+def twistd_beside(python):
+    """
+    The twistd script installed with the interpreter C{python} (a
+    virtualenv's bin/python: its bin/twistd).
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(python)), "twistd")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: install Twisted with {python} (pip install -e .)")
+    return path
+
+
+def interpreter_label(python):
+    """
+    C{cpython-3.11.2+twisted-26.10.0}, C{pypy-3.9.16+twisted-25.5.0}: what
+    C{python} is, and the Twisted it runs.
+    """
+    out = subprocess.run(
+        [python, "-c", "import sys, platform, twisted; print(sys.implementation.name, "
+                       "platform.python_version(), twisted.__version__)"],
+        capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    return f"{out[0]}-{out[1]}+twisted-{out[2]}"
+
+
 class Cluster:
     """
     `twistd graceful --workers N`, followed through its status file.
     """
 
-    def __init__(self, workers, workdir, extra=(), env=None, port=0, repo=REPO):
+    def __init__(self, workers, workdir, extra=(), env=None, port=0, repo=REPO,
+                 python=None):
         self.workers = workers
         self.repo = repo
         self.env = env or {}
         self.cwd = tempfile.mkdtemp(dir=workdir, prefix=f"workers{workers}-")
         self.pidfile = os.path.join(self.cwd, "twistd.pid")
         self.db = os.path.join(self.cwd, "bench.sqlite3")
-        self.args = [sys.executable, TWISTD, "--nodaemon", "--pidfile", self.pidfile,
+        python = python or sys.executable
+        twistd = TWISTD if python == sys.executable else twistd_beside(python)
+        self.args = [python, twistd, "--nodaemon", "--pidfile", self.pidfile,
                      "graceful", "--port", f"tcp:{port}:interface=127.0.0.1",
                      "--txn-port", "tcp:0:interface=127.0.0.1",
                      "--metrics-port", "tcp:0:interface=127.0.0.1", "--db", self.db,
@@ -243,20 +278,36 @@ async def machine_ceiling(seconds):
 VARIANTS = [("workers1", 1, {}), ("workers2", 2, {})]
 
 
+def variants_of(opts):
+    """
+    (name, workers, environment, interpreter) for each interpreter of
+    C{--python}: with one (the default), the names of L{VARIANTS}.
+    """
+    pythons = opts.python or [sys.executable]
+    if len(pythons) == 1:
+        return [(name, n, env, pythons[0]) for name, n, env in VARIANTS]
+    return [(f"{interpreter_label(python)}/{name}", n, env, python)
+            for python in pythons for name, n, env in VARIANTS]
+
+
 async def throughput(opts, workdir):
     if not shutil.which("wrk"):
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
-    variants = VARIANTS
+    variants = variants_of(opts)
     clusters = {}
     try:
-        for name, n, env in variants:
-            clusters[name] = await Cluster(n, workdir, env=env).start()
-        results = {(name, close): [] for name, _, _ in variants for close in (False, True)}
+        for name, n, env, python in variants:
+            clusters[name] = await Cluster(n, workdir, env=env, python=python).start()
+        results = {(name, close): [] for name, _, _, _ in variants for close in (False, True)}
+        for name, _, _, _ in variants:
+            for close in (False, True):
+                if opts.warmup:  # unmeasured: PyPy's JIT compiles the hot paths
+                    await wrk(clusters[name].ports["http"], opts.warmup, opts.connections, close)
         ceilings = []
         for _ in range(opts.rounds):
             ceilings.append(await machine_ceiling(min(opts.seconds, 3)))
             for close in (False, True):
-                for name, _, _ in variants:
+                for name, _, _, _ in variants:
                     cluster = clusters[name]
                     pids = cluster.pids()
                     cpu0 = {pid: cpu_seconds([pid]) for pid in pids}
@@ -275,10 +326,10 @@ async def throughput(opts, workdir):
                       f"http://127.0.0.1:PORT/ ({opts.rounds} interleaved rounds, medians)",
            "machine_ceiling": statistics.median(ceilings),
            "machine_ceiling_range": [min(ceilings), max(ceilings)],
-           "variants": [name for name, _, _ in variants]}
+           "variants": [name for name, _, _, _ in variants]}
     for close in (False, True):
         med = {}
-        for name, _, _ in variants:
+        for name, _, _, _ in variants:
             rs = results[(name, close)]
             rps = statistics.median(r["rps"] for r in rs)
             server = statistics.median(r["server_cpu_s"] for r in rs)
@@ -292,7 +343,7 @@ async def throughput(opts, workdir):
                 "socket_errors": sum(r["socket_errors"] for r in rs),
                 "worker_balance": statistics.median(r["balance"] or 0 for r in rs),
             }
-        base = med["workers1"]
+        base = med[variants[0][0]]  # the first interpreter's --workers 1
         for r in med.values():
             r["ratio"] = r["rps"] / base["rps"]
             r["cpu_per_request_ratio"] = (r["server_cpu_us_per_request"]
@@ -317,7 +368,8 @@ async def under_load(opts, workdir):
     """
     Upgrades, then kill -9 of random workers, under the mixed load.
     """
-    cluster = await Cluster(2, workdir, ["--drain-timeout", "10"]).start()
+    cluster = await Cluster(2, workdir, ["--drain-timeout", "10"],
+                            python=(opts.python or [None])[0]).start()
     rec, stop = Recorder(), asyncio.Event()
     acked_txn, unacked_txn, acked_post = set(), set(), {}
     tasks = []
@@ -459,6 +511,27 @@ async def gunicorn_start(script, workers, workdir, upgrades):
     return {"fresh": first, "upgrades": usr2}
 
 
+async def answered_by(port, generation, timeout=120):
+    """
+    When a fresh connection's C{GET /} is first answered by C{generation}
+    (the hello page names it).
+    """
+    deadline = time.monotonic() + timeout
+    wanted = f"(generation {generation})".encode()
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            body = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            if wanted in body:
+                return time.monotonic()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.002)  # the previous generation answered
+    raise RuntimeError(f"generation {generation} never answered")
+
+
 async def start_times(opts, workdir):
     """
     A fresh start's time to its first answer, and a signal's time to the new
@@ -531,6 +604,47 @@ async def start_times(opts, workdir):
     return out
 
 
+async def interpreter_start_times(opts, workdir):
+    """
+    A fresh start's time to its first answer, against signal-to-all-ready
+    and signal-to-the-new-generation's-first-answer, for each interpreter
+    (C{--python}), the interpreters interleaved.
+    """
+    pythons = opts.python or [sys.executable]
+    labels = {python: interpreter_label(python) for python in pythons}
+    times = {python: {"fresh": [], "ready": [], "answer": []} for python in pythons}
+    for _ in range(opts.start_rounds):
+        for python in pythons:
+            t = times[python]
+            cluster = Cluster(opts.start_workers, workdir, python=python)
+            t0 = time.monotonic()
+            await cluster.start()
+            # start() returns once every worker serves; the first answer came before.
+            t["fresh"].append(time.monotonic() - t0)
+            try:
+                for generation in (2, 3):
+                    await asyncio.sleep(0.5)  # the previous upgrade's old generation is gone
+                    t0 = time.monotonic()
+                    os.kill(cluster.master, signal.SIGHUP)
+                    t["answer"].append(await answered_by(cluster.ports["http"], generation) - t0)
+                    entry = await cluster.wait(generation)
+                    t["ready"].append(entry["last_upgrade"]["duration_seconds"])
+            finally:
+                await cluster.stop()
+    out = {"workers": opts.start_workers, "rounds": opts.start_rounds, "by_interpreter": {}}
+    for python in pythons:
+        t = times[python]
+        out["by_interpreter"][labels[python]] = {
+            "fresh_start_all_ready_s": statistics.median(t["fresh"]),
+            "signal_to_all_ready_s": statistics.median(t["ready"]),
+            "signal_to_all_ready_range_s": [min(t["ready"]), max(t["ready"])],
+            "signal_to_new_generation_answer_s": statistics.median(t["answer"]),
+            "signal_to_new_generation_answer_range_s": [min(t["answer"]), max(t["answer"])]}
+    first = out["by_interpreter"][labels[pythons[0]]]
+    out.update(first)  # the first interpreter's, as before --python
+    return out
+
+
 async def main_async(opts):
     workdir = tempfile.mkdtemp(prefix="bench-workers-")
     try:
@@ -542,6 +656,8 @@ async def main_async(opts):
             report["under_load"] = await under_load(opts, workdir)
         if "start" in parts:
             report["start"] = await start_times(opts, workdir)
+        if "interpreters" in parts:
+            report["interpreters"] = await interpreter_start_times(opts, workdir)
         report["machine"]["load_average_after"] = os.getloadavg()
         return report
     finally:
@@ -580,6 +696,18 @@ def print_report(report):
     s = report.get("start")
     if s is not None:
         print_start(s)
+    s = report.get("interpreters")
+    if s is not None:
+        print(f"## start by interpreter (--workers {s['workers']}, {s['rounds']} rounds of a "
+              f"fresh start and 2 SIGHUPs, medians)")
+        for label, r in s["by_interpreter"].items():
+            print(f"  {label}: fresh start to all ready {r['fresh_start_all_ready_s']:.2f} s; "
+                  f"signal to all new workers ready {r['signal_to_all_ready_s']:.2f} s "
+                  f"(ratio {r['signal_to_all_ready_s'] / r['fresh_start_all_ready_s']:.2f}); "
+                  f"signal to the new generation's first answer "
+                  f"{r['signal_to_new_generation_answer_s']:.2f} s (range "
+                  f"{r['signal_to_new_generation_answer_range_s'][0]:.2f}-"
+                  f"{r['signal_to_new_generation_answer_range_s'][1]:.2f})")
 
 
 def print_start(s):
@@ -626,7 +754,8 @@ def parse_args(argv=None):
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--interval", type=float, default=0.5)
-    p.add_argument("--only", help="comma-separated: throughput, load, start (default: all)")
+    p.add_argument("--only", help="comma-separated: throughput, load, start, interpreters "
+                                  "(default: throughput, load, start)")
     p.add_argument("--start-upgrades", type=int, default=3,
                    help="start: signals per server and round (default 3)")
     p.add_argument("--baseline", metavar="CHECKOUT",
@@ -635,6 +764,12 @@ def parse_args(argv=None):
     p.add_argument("--peers", action="store_true",
                    help="start: measure gunicorn too (installs it with pip into "
                         "~/.cache/twisted-graceful-bench/venv on first use)")
+    p.add_argument("--python", action="append",
+                   help="an interpreter to run twistd with (repeatable; default: this one)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="seconds of unmeasured wrk on each variant before the rounds")
+    p.add_argument("--start-rounds", type=int, default=3)
+    p.add_argument("--start-workers", type=int, default=2)
     p.add_argument("--json")
     return p.parse_args(argv)
 

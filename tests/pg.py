@@ -70,6 +70,11 @@ def _unavailable():
         import psycopg  # noqa: F401
     except ImportError:
         return "the psycopg driver is not installed (pip install 'psycopg[binary]')"
+    from twisted_graceful.store import psycopg_unusable
+
+    unusable = psycopg_unusable()
+    if unusable:
+        return unusable
     if os.geteuid() == 0:
         if _server_user() is None:
             return "running as root and there is no unprivileged user to run PostgreSQL as"

@@ -15,7 +15,7 @@ import threading
 
 from twisted.trial import unittest
 
-from tests.e2e import REPO, ServerProcess, http_get, pid_in
+from tests.e2e import REPO, START_UP, ServerProcess, http_get, pid_in
 
 DRAIN_TIMEOUT = 20
 ABORT_GRACE = 2
@@ -71,7 +71,7 @@ class UpgradesWhileDrainingTests(LineageTestCase):
         server, first, ports = self.start()
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault(
-            "r", http_get(ports["http"], "/slow?seconds=6", timeout=60)))
+            "r", http_get(ports["http"], f"/slow?seconds={4 + 2 * START_UP}", timeout=60)))
         slow.start()
         server.wait_inflight(first)
         second = self.upgrade(server, first)
@@ -117,8 +117,8 @@ class UpgradesWhileDrainingTests(LineageTestCase):
         first generation (still draining) included.
         """
         server, first, ports = self.start()
-        slow = threading.Thread(target=lambda: http_get(ports["http"], "/slow?seconds=8",
-                                                        timeout=60))
+        slow = threading.Thread(target=lambda: http_get(
+            ports["http"], f"/slow?seconds={4 + 4 * START_UP}", timeout=60))
         slow.start()
         self.addCleanup(slow.join, 60)
         server.wait_inflight(first)

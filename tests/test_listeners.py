@@ -10,8 +10,11 @@ import os
 import socket
 import tempfile
 
+from twisted.internet import reactor as real_reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_graceful._twisted import adopt_listening_port
 from twisted_graceful.listeners import (
     ListenerError,
     ListenSpec,
@@ -19,6 +22,7 @@ from twisted_graceful.listeners import (
     check_listening_socket,
     describe_socket,
     parse_listen_description,
+    wrapping_nonblocking,
 )
 
 
@@ -469,6 +473,133 @@ class CheckListeningSocketTests(SynchronousTestCase):
         before = _open_fds()
         self.assertRaises(ListenerError, check_listening_socket, sock.fileno())
         self.assertEqual(_open_fds(), before)
+
+
+def _non_blocking(fd):
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+class NonBlockingTakeOverTests(SynchronousTestCase):
+    """
+    A listening socket taken over by a generation is non-blocking, in every
+    process holding it: C{O_NONBLOCK} is on the open file description they
+    share (docs/design.md, facts 2 and 42). PyPy's C{socket(fileno=...)}
+    cleared it, so a new generation's C{accept()} waited in the kernel for
+    the next connection and never read those it had accepted.
+    """
+
+    def listening(self, blocking):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(5)
+        sock.setblocking(blocking)
+        return sock
+
+    def test_checkingKeepsANonBlockingSocketNonBlocking(self):
+        original = self.listening(blocking=False)
+        checked = check_listening_socket(original.fileno())
+        self.addCleanup(checked.close)
+        self.assertTrue(_non_blocking(original.fileno()), "the previous holder's copy blocks")
+        self.assertTrue(_non_blocking(checked.fileno()))
+        self.assertEqual(checked.gettimeout(), 0.0)
+
+    def test_checkingMakesABlockingSocketNonBlocking(self):
+        # systemd passes blocking sockets (NonBlocking=no); adoptStreamPort needs
+        # non-blocking ones, so taking one over sets the flag, for every holder.
+        original = self.listening(blocking=True)
+        checked = check_listening_socket(original.fileno())
+        self.addCleanup(checked.close)
+        self.assertTrue(_non_blocking(checked.fileno()))
+        self.assertTrue(_non_blocking(original.fileno()))
+
+    def test_checkingADatagramSocketMakesItNonBlocking(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        checked = check_listening_socket(sock.fileno(), socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(checked.close)
+        self.assertTrue(_non_blocking(sock.fileno()))
+
+    def adopt(self, sock):
+        port = adopt_listening_port(real_reactor, sock, Factory())
+        self.addCleanup(port.connectionLost, None)
+        return port
+
+    def test_adoptedPortAcceptsWithoutBlocking(self):
+        """
+        The adopted port's socket and the other holders' copies are
+        non-blocking after adoption and after garbage collection (on PyPy a
+        wrapper is closed or finalized when the collector runs), and the
+        port's accept loop ends when the queue is empty instead of waiting.
+        """
+        other = self.listening(blocking=False)  # the previous generation's copy
+        port = self.adopt(check_listening_socket(other.fileno()))
+        gc.collect()
+        self.assertTrue(_non_blocking(port.fileno()))
+        self.assertTrue(_non_blocking(other.fileno()))
+        client = socket.create_connection(other.getsockname(), timeout=5)
+        self.addCleanup(client.close)
+        accepted = []
+        port.factory = _Recording(accepted)
+        # One connection queued: accept it, then EAGAIN ends the loop (on a
+        # blocking socket the second accept() would wait here).
+        port.doRead()
+        self.assertEqual(len(accepted), 1)
+        for transport in accepted:
+            transport.stopReading()
+            transport.socket.close()
+
+    def test_adoptingABlockingSocketMakesItNonBlocking(self):
+        sock = self.listening(blocking=True)
+        other = socket.socket(fileno=os.dup(sock.fileno()))
+        self.addCleanup(other.close)
+        port = self.adopt(sock)
+        self.assertTrue(_non_blocking(port.fileno()))
+
+    def test_factoryStartsWithTheUsualDefaultTimeout(self):
+        """
+        Only the wrapping of the descriptor runs with a default timeout of 0:
+        the factory, started by C{startListening}, may make blocking sockets
+        of its own.
+        """
+        seen = []
+
+        class Starting(Factory):
+            def startFactory(self):
+                seen.append(socket.getdefaulttimeout())
+
+        self.addCleanup(socket.setdefaulttimeout, socket.getdefaulttimeout())
+        socket.setdefaulttimeout(None)
+        port = adopt_listening_port(real_reactor, self.listening(blocking=False), Starting())
+        self.addCleanup(port.connectionLost, None)
+        self.assertEqual(seen, [None])
+
+    def test_defaultTimeoutPutBack(self):
+        previous = socket.getdefaulttimeout()
+        self.addCleanup(socket.setdefaulttimeout, previous)
+        socket.setdefaulttimeout(7.5)
+        with wrapping_nonblocking():
+            self.assertEqual(socket.getdefaulttimeout(), 0.0)
+        self.assertEqual(socket.getdefaulttimeout(), 7.5)
+        with self.assertRaises(ZeroDivisionError):
+            with wrapping_nonblocking():
+                raise ZeroDivisionError()
+        self.assertEqual(socket.getdefaulttimeout(), 7.5)
+
+
+class _Recording(Factory):
+    """
+    Keeps the transport of every connection accepted.
+    """
+
+    def __init__(self, accepted):
+        self.accepted = accepted
+
+    def buildProtocol(self, addr):
+        protocol = Protocol()
+        protocol.connectionMade = lambda: self.accepted.append(protocol.transport)
+        return protocol
 
 
 class DescribeSocketTests(SynchronousTestCase):

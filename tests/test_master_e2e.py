@@ -16,8 +16,6 @@ import time
 
 from twisted.trial import unittest
 
-from twisted_graceful.master import STOPPED_TIMEOUT
-
 from tests.e2e import REPO, ServerProcess, http_get, pid_in
 
 DRAIN_TIMEOUT = 10
@@ -116,8 +114,11 @@ class UpgradeTests(MasterTestCase):
             self.assertIsNone(server.proc.poll(), "the foreground twistd left")
             self.assertEqual(server.read_pidfile(), master)
             self.assertEqual(entry["last_upgrade"]["result"], "ok")
-            # Done once the old workers said STOPPED, not at the timeout.
-            self.assertLess(entry["last_upgrade"]["duration_seconds"], STOPPED_TIMEOUT)
+            # Done once the old workers said STOPPED, not at the STOPPED_TIMEOUT
+            # (the master warns then). Not told by the duration: on PyPy starting
+            # the new workers alone takes about as long.
+            server.assert_output(f"generation {generation} are ready after")
+            self.assertEqual(server.count("did not confirm within"), 0, server.output())
             self.assert_answered_by(server, ports["http"], entry)
             slow.join(0)
         slow.join(60)
@@ -137,7 +138,10 @@ class UpgradeTests(MasterTestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         entry = self.wait_master(server, master, 2)
         self.assertIn("reloaded: workers generation 2", result.stdout)
-        for worker in entry["workers"]:
+        # The master may still list a previous worker that has just exited.
+        serving = [w for w in entry["workers"] if w["generation"] == 2 and w["state"] == "serving"]
+        self.assertEqual(len(serving), WORKERS)
+        for worker in serving:
             self.assertIn(str(worker["pid"]), result.stdout)
 
     def test_a_new_set_that_cannot_start_leaves_the_old_one_serving(self):

@@ -555,7 +555,30 @@ class PostgresURLOptionTests(unittest.TestCase):
         self.assertIn("no host", self.check("postgresql:///kv"))
 
     def test_a_good_url_passes(self):
+        from twisted_graceful.store import psycopg_unusable
         from twisted_graceful.tap import check_postgres_url
 
+        if psycopg_unusable():
+            raise unittest.SkipTest(psycopg_unusable())
         check_postgres_url("postgres://app:pw@db.internal:5432/kv")
         check_postgres_url("postgresql:///kv?host=/run/postgresql")
+
+    def test_a_psycopg_that_cannot_connect_here_is_a_usage_error(self):
+        """
+        PyPy 7.3.11's ctypes cannot hold a weak reference in a py_object,
+        which psycopg's pure-Python libpq wrapper needs for every connection
+        (pypy/pypy#3882): said at start-up, not as a readiness failure.
+        """
+        import ctypes
+
+        import psycopg
+
+        def refuse(value):
+            raise TypeError("cannot create weak reference to 'weakref' object")
+
+        self.patch(psycopg.pq, "__impl__", "python")
+        self.patch(ctypes, "py_object", refuse)
+        text = self.check("postgresql://app:s3cret@db.internal:5432/kv")
+        self.assertIn("--db postgresql://app:***@db.internal:5432/kv: psycopg", text)
+        self.assertIn("pure-Python libpq wrapper cannot connect", text)
+        self.assertIn("pypy/pypy#3882", text)

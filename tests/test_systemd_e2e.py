@@ -33,6 +33,10 @@ from tests.e2e import (
 )
 from tests.test_notify import NotifySocket
 
+# Linux's values: PyPy 3.9's socket module has neither name.
+SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
+
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 
@@ -53,7 +57,7 @@ class FakeSystemd(NotifySocket):
     def __init__(self, testcase):
         NotifySocket.__init__(self, testcase)
         self.path = self.env_value
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
         self.received = []  # (sender pid, message)
 
     def receive(self, timeout=30.0):
@@ -64,7 +68,7 @@ class FakeSystemd(NotifySocket):
             raise AssertionError(f"no datagram within {timeout} s; so far: {self.received}")
         pid = None
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            if level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS:
                 pid = struct.unpack("iII", payload[:12])[0]
         message = data.decode()
         self.received.append((pid, message))

@@ -14,6 +14,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e import (
+    START_UP,
     ClearErrorMixin,
     ServerProcess,
     TacApp,
@@ -437,7 +438,7 @@ class SuccessorDiesTests(unittest.TestCase):
             "    lambda _: task.LoopingCall(_die_when_told).start(0.05))"))
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault(
-            "r", http_get(ports["http"], "/slow?seconds=6", timeout=30)))
+            "r", http_get(ports["http"], f"/slow?seconds={4 + 2 * START_UP}", timeout=30)))
         slow.start()
         server.wait_inflight(pid)
         server.signal(pid, signal.SIGHUP)

@@ -6,7 +6,11 @@ else (docs/design.md, "What the code relies on").
   - L{adopt_listening_port}: C{Port._shouldShutdown}, and C{unix.Port}'s
     C{connectionLost}. Closing a listening port must never C{shutdown(2)} the
     socket (that stops it in every process sharing it) nor unlink a UNIX
-    socket's path (the next generation serves it).
+    socket's path (the next generation serves it). It also does what
+    C{PosixReactorBase.adoptStreamPort} and C{adoptDatagramPort} do, calling
+    C{Port._fromListeningDescriptor} and C{startListening} itself, so that
+    only the former runs with a default socket timeout of 0 (on PyPy,
+    wrapping a descriptor otherwise makes the shared socket blocking).
   - L{share_accepts}: C{tcp.Port.numberAccepts}. A port accepts up to 100
     queued connections per wake-up (and more each time it empties the
     queue): with several workers on one listening socket, the first to wake
@@ -68,6 +72,7 @@ import weakref
 import twisted
 from twisted.application import app as twistd_app
 
+from twisted_graceful.listeners import wrapping_nonblocking
 from twisted_graceful.pidfile import read_pid
 
 
@@ -99,21 +104,54 @@ def adopt_listening_port(reactor, sock, factory):
     there: C{udp.Port.connectionLost} only C{close()}s its own dup, never
     C{shutdown()}s it (docs/design.md, fact 28).
     """
-    if sock.type == socket.SOCK_DGRAM:
-        port = reactor.adoptDatagramPort(sock.fileno(), sock.family, factory,
-                                         maxPacketSize=DATAGRAM_MAX_SIZE)
-        port.stopReading()
-        sock.close()
-        return port
-    port = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    # What adoptStreamPort and adoptDatagramPort require (docs/design.md,
+    # fact 2); on PyPy Twisted's socket.fromfd puts back the flags it found.
+    sock.setblocking(False)
+    datagram, family = sock.type == socket.SOCK_DGRAM, sock.family
+    port = _adopt(reactor, sock, factory)
     port.stopReading()
     sock.close()
+    if datagram:
+        return port
     port._shouldShutdown = False
-    if sock.family == socket.AF_UNIX:
+    if family == socket.AF_UNIX:
         from twisted.internet import tcp  # (the reactor imported it)
 
         # tcp.Port.connectionLost closes without unlinking the path.
         port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
+    return port
+
+
+def _adopt(reactor, sock, factory):
+    """
+    C{reactor.adoptStreamPort} (or C{adoptDatagramPort}) of C{sock}, with
+    only the wrapping of the descriptor (C{Port._fromListeningDescriptor}, a
+    C{socket.fromfd}) under L{wrapping_nonblocking}: on PyPy a plain
+    C{fromfd} makes the socket blocking for every process holding it until
+    Twisted puts the flags back, and a previous generation's C{accept()} in
+    that instant would wait in the kernel (docs/design.md, fact 44).
+    C{startListening}, which starts the factory, runs outside it: an
+    application's C{startFactory} may make sockets of its own, with the
+    usual default timeout.
+    """
+    from twisted.internet import posixbase, tcp, udp, unix  # (the reactor imported them)
+
+    fd, family = sock.fileno(), sock.family
+    datagram = sock.type == socket.SOCK_DGRAM
+    if not isinstance(reactor, posixbase.PosixReactorBase):
+        # A test's MemoryReactor: it wraps no descriptor.
+        if datagram:
+            return reactor.adoptDatagramPort(fd, family, factory, maxPacketSize=DATAGRAM_MAX_SIZE)
+        return reactor.adoptStreamPort(fd, family, factory)
+    with wrapping_nonblocking():
+        if datagram:
+            port = udp.Port._fromListeningDescriptor(reactor, fd, family, factory,
+                                                     maxPacketSize=DATAGRAM_MAX_SIZE)
+        elif family == socket.AF_UNIX:
+            port = unix.Port._fromListeningDescriptor(reactor, fd, factory)
+        else:
+            port = tcp.Port._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
     return port
 
 

@@ -13,6 +13,7 @@ Each option takes the kinds that make sense for it (L{STREAM}, L{DATAGRAM},
 L{TLS}): C{--udp-port tcp:514} is an error that says to use C{udp:}.
 """
 
+import contextlib
 import errno
 import os
 import resource
@@ -366,12 +367,42 @@ def shorten(text, limit=60):
     return show(text[:limit]) + f"... ({len(text)} characters)"
 
 
+@contextlib.contextmanager
+def wrapping_nonblocking():
+    """
+    Socket objects made in this block around an existing descriptor
+    (C{socket.socket(fileno=...)}, C{socket.fromfd}, Twisted's
+    C{adoptStreamPort}) are non-blocking from the start.
+
+    PyPy applies the default timeout to a descriptor it wraps: with the
+    default (L{None}) it clears C{O_NONBLOCK}, on the open file description
+    that every process holding the socket shares (docs/design.md, facts 2 and
+    42). A listening socket wrapped so in a new generation blocks the
+    accept loop of every process serving it: C{accept()} waits in the
+    kernel for the next connection instead of answering C{EAGAIN}, and the
+    connections already accepted are never read. CPython leaves the flag
+    alone unless a default timeout is set. A default timeout of 0 makes
+    both set C{O_NONBLOCK} (what Twisted's ports need) and neither ever
+    clear it, not even for an instant.
+
+    Called only while a generation starts, before the reactor runs (so no
+    other thread makes sockets meanwhile); the previous default is put back.
+    """
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.0)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def check_listening_socket(fd, family=None, socktype=socket.SOCK_STREAM):
     """
-    Return a socket object (a dup of C{fd}) if C{fd} is a listening stream
-    socket, or with C{socktype} C{SOCK_DGRAM} a bound datagram socket (of
-    C{family}, when given); else raise L{ListenerError}.
-    The caller's descriptor is left open.
+    Return a non-blocking socket object (a dup of C{fd}) if C{fd} is a
+    listening stream socket, or with C{socktype} C{SOCK_DGRAM} a bound
+    datagram socket (of C{family}, when given); else raise L{ListenerError}.
+    The caller's descriptor is left open, and non-blocking (the flag is
+    shared with the dup; see L{wrapping_nonblocking}).
     """
     try:
         st = os.fstat(fd)
@@ -379,7 +410,8 @@ def check_listening_socket(fd, family=None, socktype=socket.SOCK_STREAM):
         raise ListenerError(f"fd {fd} is not open ({e.strerror})")
     if not stat.S_ISSOCK(st.st_mode):
         raise ListenerError(f"fd {fd} is not a socket")
-    sock = socket.socket(fileno=os.dup(fd))
+    with wrapping_nonblocking():
+        sock = socket.socket(fileno=os.dup(fd))
     try:
         if socktype == socket.SOCK_DGRAM:
             _check_datagram(fd, sock)

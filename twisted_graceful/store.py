@@ -212,6 +212,40 @@ def is_postgres(db):
     return isinstance(db, str) and db.startswith(POSTGRES_SCHEMES)
 
 
+def psycopg_unusable():
+    """
+    Why the installed psycopg cannot connect with this interpreter, or
+    L{None} (psycopg must be importable).
+
+    On PyPy psycopg is its pure-Python libpq wrapper (psycopg-binary is
+    built for CPython only), which keeps a C{ctypes.py_object} of a weak
+    reference to each connection; PyPy 7.3.11's ctypes cannot make one
+    (C{TypeError: cannot create weak reference to 'weakref' object},
+    pypy/pypy#3882), so every connection fails (docs/design.md, fact 45).
+    """
+    import psycopg
+
+    if psycopg.pq.__impl__ != "python":
+        return None
+    import ctypes
+    import platform
+    import sys
+    import weakref
+
+    probe = _WeakReferable()
+    try:
+        ctypes.py_object(weakref.ref(probe))
+    except TypeError as e:
+        return (f"psycopg {psycopg.__version__}'s pure-Python libpq wrapper cannot connect with "
+                f"{platform.python_implementation()} {sys.version.split()[0]}: its ctypes cannot "
+                f"hold a weak reference in a py_object ({e}; pypy/pypy#3882)")
+    return None
+
+
+class _WeakReferable:
+    pass
+
+
 def redact(url):
     """
     C{url} without its password, for logs and replies.

@@ -21,7 +21,7 @@ from twisted_graceful.inherit import Inheritance
 from twisted_graceful.listeners import DATAGRAM, STREAM, TLS, ListenerError, parse_listen_description
 from twisted_graceful.notify import install_sd_notify
 from twisted_graceful.startup import StartupError, exit_with
-from twisted_graceful.store import is_postgres, open_problem, redact
+from twisted_graceful.store import is_postgres, open_problem, psycopg_unusable, redact
 
 
 def _positive(name, cast=float, allow_zero=False):
@@ -59,6 +59,9 @@ def check_postgres_url(url):
     except ImportError:
         raise usage.UsageError(f"--db {shown}: PostgreSQL needs the psycopg driver "
                                f"(pip install 'psycopg[binary]')")
+    unusable = psycopg_unusable()
+    if unusable:
+        raise usage.UsageError(f"--db {shown}: {unusable}")
 
 
 class Options(usage.Options):
