@@ -85,6 +85,21 @@ class MasterTests(unittest.TestCase):
         self.assertEqual((payload["role"], payload["generation"]), ("master", 1))
         self.assertEqual([w["state"] for w in payload["workers"]], ["serving", "serving"])
 
+    def test_a_reexecuted_master_is_upgrading_when_it_says_serving(self):
+        # What observers (the status file) see at "serving" must not look
+        # settled: the re-exec's upgrade has started by then.
+        adopted = [FakeWorker(7), FakeWorker(8)]
+        for worker in adopted:
+            worker.ready = True
+        states = []
+        self.master.observers.append(
+            lambda event, **kw: states.append(self.master.state) if event == "serving" else None)
+        self.master.adopt(adopted, [], generation=4)
+        self.assertEqual(states, [UPGRADING])
+        self.assertEqual(len(self.spawned), 2)  # the new set, with the code on disk
+        self.ready(*self.spawned)
+        self.assertEqual(self.master.generation, 5)
+
     def test_blue_green_upgrade(self):
         old = self.serve()
         new = self.upgrade()

@@ -257,12 +257,15 @@ class Master(StateMachine):
         self.log.info("{who}: re-executed; adopted workers generation {g} (pids {pids})",
                       who=self._who(), g=generation,
                       pids=", ".join(str(w.pid) for w in workers))
-        self._tell("serving", source="re-exec", parent_pid=None, listeners={})
         alive = [w for w in workers if not w.finished]
         if len(alive) < self.size:
             for _ in range(self.size - len(alive)):
                 self._replace(generation)
+        # The upgrade first, then "serving": what the status file says at
+        # "serving" must not look settled (serving, no upgrade) when the
+        # re-exec's upgrade is about to start.
         self.request_upgrade("re-exec")
+        self._tell("serving", source="re-exec", parent_pid=None, listeners={})
 
     def _start_set(self, generation, reason):
         worker_set = WorkerSet(generation, self.size)
