@@ -47,7 +47,7 @@ import time
 from twisted_graceful.master import STABLE_SECONDS
 from twisted_graceful.statusfile import read_status
 
-from bench.peers import Gunicorn, ensure_gunicorn, until_new_pids
+from bench.peers import Gunicorn, cpu_seconds, ensure_gunicorn, until_new_pids
 from bench.reload import (
     REPO,
     TWISTD,
@@ -61,21 +61,6 @@ from bench.reload import (
 )
 
 WORKER_COUNTS = (1, 2)
-
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / HZ
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
 
 def rss_kib(pid):
     try:
@@ -206,20 +191,29 @@ class Cluster:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-async def first_answer(port, timeout=120):
+async def answered(port, wanted, timeout, pause, what):
+    """
+    When a fresh connection's C{GET /} is first answered with a response
+    for which C{wanted(response)} is true; polled every C{pause} seconds.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-            line = await asyncio.wait_for(reader.readline(), 10)
+            response = await asyncio.wait_for(reader.read(), 10)
             writer.close()
-            if line.startswith(b"HTTP/1.1 200"):
+            if wanted(response):
                 return time.monotonic()
         except (OSError, asyncio.TimeoutError):
             pass
-        await asyncio.sleep(0.005)  # not answering yet
-    raise RuntimeError("no answer")
+        await asyncio.sleep(pause)
+    raise RuntimeError(what)
+
+
+async def first_answer(port, timeout=120):
+    return await answered(port, lambda r: r.startswith(b"HTTP/1.1 200"), timeout, 0.005,
+                          "no answer")
 
 
 async def wrk(port, seconds, connections, close):
@@ -516,20 +510,9 @@ async def answered_by(port, generation, timeout=120):
     When a fresh connection's C{GET /} is first answered by C{generation}
     (the hello page names it).
     """
-    deadline = time.monotonic() + timeout
     wanted = f"(generation {generation})".encode()
-    while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-            body = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            if wanted in body:
-                return time.monotonic()
-        except (OSError, asyncio.TimeoutError):
-            pass
-        await asyncio.sleep(0.002)  # the previous generation answered
-    raise RuntimeError(f"generation {generation} never answered")
+    return await answered(port, lambda r: wanted in r, timeout, 0.002,
+                          f"generation {generation} never answered")
 
 
 async def start_times(opts, workdir):
