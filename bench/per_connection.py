@@ -8,7 +8,10 @@ the median of the per-round ratios), for each C{--access-log} choice:
 
 Each graceful is C{--workers 1} (the default: a master and one worker);
 the bare C{twistd web} writes its access log through twisted.logger, as it
-does by default (to /dev/null here, as graceful's C{-}). Instruction counts,
+does by default (to /dev/null here, as graceful's C{-}); with C{file} among
+the choices, a second bare C{twistd web --logfile FILE} writes it to a file
+as graceful's C{--access-log FILE} does, and the report has the ratio of
+those two too. Instruction counts,
 which do not depend on the machine's load, come from
 C{bench.worker_instructions --mode fresh|keepalive}. Loopback only; every
 run is bounded by C{--seconds}.
@@ -50,9 +53,11 @@ def answers(port):
 def start(name, cwd, access_log=None):
     port = free_port()
     twistd = [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, name + ".pid")]
-    if name == "bare":
+    if name.startswith("bare"):
         args = ["web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--class",
                 "bench.reload.BareHello"]
+        if name == "bare-file":  # twistd web's own CLF file, graceful's --access-log FILE's peer
+            args += ["--logfile", os.path.join(cwd, name + ".access.log")]
     else:
         log = os.path.join(cwd, name + ".access.log") if access_log == "file" else access_log
         args = ["graceful", "--port", f"tcp:{port}:interface=127.0.0.1", "--txn-port",
@@ -86,6 +91,8 @@ def run(opts):
     servers = {}
     try:
         servers["bare"] = start("bare", cwd)
+        if "file" in opts.access_logs:
+            servers["bare-file"] = start("bare-file", cwd)
         for choice in opts.access_logs:
             servers[f"graceful-{choice}"] = start(f"graceful-{choice}", cwd, choice)
         result = {"rounds": opts.rounds, "seconds": opts.seconds,
@@ -97,6 +104,10 @@ def run(opts):
                     rps[name].append(wrk(port, opts.seconds, opts.connections, close))
             ratios = {name: [g / b for g, b in zip(values, rps["bare"]) if g and b]
                       for name, values in rps.items() if name != "bare"}
+            if "bare-file" in rps:
+                # On equal terms: both write their access log to a file.
+                ratios["graceful-file / bare-file"] = [
+                    g / b for g, b in zip(rps["graceful-file"], rps["bare-file"]) if g and b]
             result["modes"][mode] = {
                 "req_per_s_median": {n: statistics.median(v) for n, v in rps.items()
                                      if all(v)},
