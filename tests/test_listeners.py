@@ -483,7 +483,7 @@ class NonBlockingTakeOverTests(SynchronousTestCase):
     """
     A listening socket taken over by a generation is non-blocking, in every
     process holding it: C{O_NONBLOCK} is on the open file description they
-    share (docs/design.md, facts 2 and 42). PyPy's C{socket(fileno=...)}
+    share (docs/design.md, facts 2 and 44). PyPy's C{socket(fileno=...)}
     cleared it, so a new generation's C{accept()} waited in the kernel for
     the next connection and never read those it had accepted.
     """

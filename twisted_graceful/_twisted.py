@@ -352,7 +352,7 @@ _TLS_MODULES = ("OpenSSL", "twisted.internet.tcp", "twisted.internet.ssl", "twis
 def reactor_without_tls(modules=None):
     """
     Under twistd, in a process that will serve no TLS (docs/design.md, fact
-    42): make C{import OpenSSL} fail, before the reactor is imported, so that
+    43): make C{import OpenSSL} fail, before the reactor is imported, so that
     Twisted's reactor and TCP transport come up without TLS support (as they
     do when pyOpenSSL is not installed) and the process does not import
     pyOpenSSL, C{cryptography} and C{service_identity}, a fifth of a

@@ -377,7 +377,7 @@ def wrapping_nonblocking():
     PyPy applies the default timeout to a descriptor it wraps: with the
     default (L{None}) it clears C{O_NONBLOCK}, on the open file description
     that every process holding the socket shares (docs/design.md, facts 2 and
-    42). A listening socket wrapped so in a new generation blocks the
+    44). A listening socket wrapped so in a new generation blocks the
     accept loop of every process serving it: C{accept()} waits in the
     kernel for the next connection instead of answering C{EAGAIN}, and the
     connections already accepted are never read. CPython leaves the flag
