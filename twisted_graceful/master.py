@@ -206,8 +206,11 @@ class Master(StateMachine):
         return (f"Workers generation {self.current.generation} (pids "
                 f"{', '.join(str(p) for p in self.current.pids())}) keep serving")
 
+    zygote_pid = None  # the master's zygote, if it has one (MasterService)
+
     def _tell(self, event, **details):
         details.setdefault("workers", self.describe_workers())
+        details.setdefault("zygote", self.zygote_pid)
         details.setdefault("execs", self.execs)
         StateMachine._tell(self, event, **details)
 
@@ -555,8 +558,15 @@ class MasterService(service.Service):
                  drain_timeout=60.0, abort_grace=5.0, command=None, environ=None,
                  backoff_base=1.0, backoff_max=60.0, install_signal_handlers=True,
                  relay_output=True, reexec_command=None, preflight_command=None, adopted=(),
-                 generation=1, shutdown_delay=0.0):
+                 generation=1, shutdown_delay=0.0, zygote=False, zygote_tls=False):
         self.reactor = reactor
+        # Fork workers from a zygote (twisted_graceful.zygote) once it has
+        # imported the libraries; each is a new interpreter until then, or
+        # when it cannot.
+        self.use_zygote = zygote
+        self.zygote_tls = zygote_tls
+        self.zygote = None
+        self._stray_reaper = None
         # On SIGTERM/SIGINT the workers say 503 on /healthz and go on serving
         # this long before they drain (see GracefulService.shutdown_delay).
         self.shutdown_delay = shutdown_delay
@@ -608,6 +618,8 @@ class MasterService(service.Service):
     def startService(self):
         service.Service.startService(self)
         protect_twistd_pidfile()
+        if self.use_zygote:
+            self._start_zygote_support()
         self.log.info("master pid {pid}: listening on {listeners}; {what}",
                       pid=os.getpid(), listeners=", ".join(self.describe_listeners().values()),
                       what=(f"adopting {len(self.adopted)} worker(s)" if self.adopted else
@@ -635,16 +647,113 @@ class MasterService(service.Service):
 
     def _spawn_worker(self, master, generation):
         executable, args = self._next_command()
-        proto = NextGenerationProcess(master, relay=self.relay_output, reactor=self.reactor,
-                                      kill_grace=self.abort_grace)
         environ = dict(self.environ)
         environ[handoff.WORKERS_ENV] = str(master.size)  # siblings share accepts
+        listeners = {name: sock.fileno() for name, sock in self.listeners.items()}
+        zygote = self.zygote
+        if zygote is not None and not zygote.gone:
+            from twisted_graceful.zygote import ZygoteUnavailable, forking_spawner
+
+            proto = self._worker_protocol(master)
+            try:
+                spawn_next_generation(
+                    self.reactor, proto, executable, args, listeners, None, environ,
+                    generation, self.pidfile, self.ready_timeout, self.cwd,
+                    role=handoff.WORKER, spawn=forking_spawner(zygote, self.reactor))
+                proto.forked = True
+                return proto
+            except ZygoteUnavailable as e:
+                self.log.info("master pid {pid}: a worker of generation {g} starts as a new "
+                              "interpreter: {why}", pid=os.getpid(), g=generation, why=e)
+                if zygote.gone:
+                    self._zygote_changed()
+        proto = self._worker_protocol(master)
         spawn_next_generation(
-            self.reactor, proto, executable, args,
-            {name: sock.fileno() for name, sock in self.listeners.items()},
-            None, environ, generation, self.pidfile, self.ready_timeout, self.cwd,
-            role=handoff.WORKER)
+            self.reactor, proto, executable, args, listeners, None, environ, generation,
+            self.pidfile, self.ready_timeout, self.cwd, role=handoff.WORKER)
         return proto
+
+    def _worker_protocol(self, master):
+        return NextGenerationProcess(master, relay=self.relay_output, reactor=self.reactor,
+                                     kill_grace=self.abort_grace)
+
+    # --- the zygote (docs/design.md, fact 46) ------------------------------
+    def _start_zygote_support(self):
+        from twisted.internet import process, task
+
+        from twisted_graceful.zygote import become_subreaper, reap_strays
+
+        if not become_subreaper():
+            self.use_zygote = False
+            self.log.info("master pid {pid}: workers start as new interpreters (this system "
+                          "cannot make the master a child subreaper)", pid=os.getpid())
+            return
+        # Re-parented descendants nobody waits for (a zygote's fork that the
+        # master gave up on, a dead worker's children) are reaped here.
+        self._stray_reaper = task.LoopingCall(reap_strays,
+                                              lambda: set(process.reapProcessHandlers))
+        self._stray_reaper.clock = self.reactor
+        self._stray_reaper.start(1.0, now=False)
+        self.add_observer(self._zygote_event)
+
+    def _zygote_event(self, event, **details):
+        if event in ("serving", "upgrade-ok", "upgrade-failed", "worker-ready"):
+            self.reactor.callLater(0, self._ensure_zygote)
+        elif event == "shutting-down":
+            self._stop_zygote("the master is shutting down")
+
+    def _ensure_zygote(self):
+        """
+        A zygote for the code on disk now, unless one is there, or the master
+        is not serving.
+        """
+        from twisted_graceful.zygote import Zygote, program_of
+
+        if (not self.use_zygote or not self.running or self.master.state != SERVING
+                or (self.zygote is not None and not self.zygote.gone)):
+            return
+        executable, args = self._next_command()
+        program = program_of(executable, args)
+        if program is None:
+            self.use_zygote = False
+            self.log.info("master pid {pid}: workers start as new interpreters (their command "
+                          "line is not `{exe} PROGRAM ...`)", pid=os.getpid(), exe=executable)
+            return
+        try:
+            self.zygote = Zygote(self.reactor, executable, program, self.environ, self.cwd,
+                                 tls=self.zygote_tls, on_exit=self._zygote_exited).start()
+        except Exception as e:
+            self.log.error("master pid {pid}: could not start a zygote: {err}",
+                           pid=os.getpid(), err=e)
+            self.zygote = None
+            return
+        self.master.zygote_pid = self.zygote.pid
+        self.master._tell("zygote-started", zygote_pid=self.zygote.pid)
+
+    def _zygote_exited(self, zygote):
+        # Replaced at the next upgrade's end or worker's start, not at once:
+        # a zygote that cannot start (a broken deploy) would loop.
+        if zygote is self.zygote:
+            self.log.info("master pid {pid}: zygote pid {z} is gone: {why}", pid=os.getpid(),
+                          z=zygote.pid, why=zygote.why_gone)
+            self.zygote = None
+            self.master.zygote_pid = None
+            self.master._tell("zygote-exited", zygote_pid=zygote.pid)
+
+    def _zygote_changed(self):
+        """
+        The zygote refused (the code changed) or died: it is replaced once
+        the master serves again.
+        """
+        self.zygote = None
+        self.master.zygote_pid = None
+        self.reactor.callLater(0, self._ensure_zygote)
+
+    def _stop_zygote(self, why):
+        if self.zygote is not None:
+            self.zygote.stop(why)
+            self.zygote = None
+            self.master.zygote_pid = None
 
     # --- re-executing the master's own code (SIGUSR2) ------------------------
     def reexec(self, reason="SIGUSR2"):
@@ -796,6 +905,9 @@ class MasterService(service.Service):
 
     def stopService(self):
         service.Service.stopService(self)
+        self._stop_zygote("the master is stopping")
+        if self._stray_reaper is not None and self._stray_reaper.running:
+            self._stray_reaper.stop()
         if self.shutdown_delay > 0 and self.master.state == SERVING:
             d = self._delay_shutdown()
             d.addCallback(lambda _: self.master.stop())

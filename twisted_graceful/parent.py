@@ -161,15 +161,18 @@ class NextGenerationProcess(protocol.ProcessProtocol):
 
 
 def spawn_next_generation(reactor, process_protocol, executable, args, listeners, lineage_fd,
-                          env, generation, pidfile, ready_timeout, cwd, role=handoff.SUCCESSOR):
+                          env, generation, pidfile, ready_timeout, cwd, role=handoff.SUCCESSOR,
+                          spawn=None):
     """
     Start the next generation (or a worker) with the handoff of
     L{handoff.next_generation_handoff}.
 
     @param listeners: ordered listener name -> fd in this process.
+    @param spawn: what starts the process, called as C{reactor.spawnProcess}
+        is (that by default; a zygote's fork for a worker).
     """
     child_fds, environment = handoff.next_generation_handoff(
         listeners, lineage_fd, env, generation, os.getpid(), pidfile, ready_timeout, role)
-    return reactor.spawnProcess(
+    return (spawn or reactor.spawnProcess)(
         process_protocol, executable, args, env=environment, path=cwd, childFDs=child_fds
     )

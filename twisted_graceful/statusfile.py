@@ -119,6 +119,7 @@ class ProcessStatus:
         self.drain = None
         self.role = None
         self.workers = None
+        self.zygote = None
         self.execs = None
         self.last_reexec = None
         self.timeline = UpgradeTimeline(clock)
@@ -133,6 +134,8 @@ class ProcessStatus:
         self.pid, self.generation, self.state, self.role = pid, generation, state, role
         if workers is not None:
             self.workers = workers
+        if "zygote" in details:
+            self.zygote = details["zygote"]
         if execs is not None:
             self.execs = execs
         if event == "serving":
@@ -179,6 +182,7 @@ class ProcessStatus:
             "pid": self.pid or os.getpid(),
             "role": self.role,
             "workers": self.workers,
+            "zygote": self.zygote,
             "execs": self.execs,
             "last_reexec": self.last_reexec,
             "generation": self.generation or self.graceful.generation,

@@ -129,6 +129,8 @@ class Options(usage.Options):
          "(by default only loopback and UNIX-socket clients may write over HTTP)"],
         ["reuse-port", None, "Set SO_REUSEPORT on sockets this process binds (for comparison "
          "benchmarks; not needed for upgrades)"],
+        ["no-zygote", None, "Start every worker as a new interpreter, instead of forking it "
+         "from the master's zygote (a process that has imported the libraries already)"],
     ]
 
     def parseOptions(self, options=None):
@@ -386,7 +388,8 @@ def make_master(options, reactor, pidfile, command, twistd_config):
         ready_timeout=options["ready-timeout"], drain_timeout=options["drain-timeout"],
         abort_grace=options["abort-grace"], command=command, reexec_command=reexec_command,
         preflight_command=preflight_command, adopted=inh.workers, generation=inh.generation,
-        shutdown_delay=options["shutdown-delay"],
+        shutdown_delay=options["shutdown-delay"], zygote=not options["no-zygote"],
+        zygote_tls=bool(options["tls-port"]),
     )
     install_master(master)  # the directory the workers' /metrics sum
     StatusFile(master)
