@@ -352,7 +352,7 @@ class ServerProcess:
         if self.daemon:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and (
-                    self.live_processes() or any(pid_alive(p) for p in self.pids)):
+                    self.live_processes(zygotes=True) or any(pid_alive(p) for p in self.pids)):
                 time.sleep(0.05)  # no pipe to a daemon: poll its processes
         else:
             with self._cond:
@@ -365,10 +365,10 @@ class ServerProcess:
             self.proc.wait(timeout)
         # A process has closed its stdout a moment before it is gone.
         deadline = time.monotonic() + timeout
-        while (self.live_processes() or any(pid_alive(p) for p in self.pids)) \
+        while (self.live_processes(zygotes=True) or any(pid_alive(p) for p in self.pids)) \
                 and time.monotonic() < deadline:
             time.sleep(0.01)
-        alive = sorted(self.live_processes() | {p for p in self.pids if pid_alive(p)})
+        alive = sorted(self.live_processes(zygotes=True) | {p for p in self.pids if pid_alive(p)})
         if alive:
             raise AssertionError(f"left behind: {alive}\n" + self.output())
         self._stop_follow = True
@@ -412,11 +412,12 @@ class ServerProcess:
             time.sleep(0.01)  # no event tells us another process is gone
 
     # --- state --------------------------------------------------------------
-    def live_processes(self):
+    def live_processes(self, zygotes=False):
         """
         The PIDs of every process of this server that is alive now (found by
         the marker in their environment, not by parentage: an old generation
-        may have been re-parented to init).
+        may have been re-parented to init); a master's zygote, which serves
+        nothing, only with C{zygotes}.
         """
         needle = f"{MARKER_ENV}={self.marker}".encode()
         found = set()
@@ -429,7 +430,15 @@ class ServerProcess:
                         found.add(int(name))
             except OSError:
                 continue
+        if not zygotes:
+            found -= self.zygotes()
         return {pid for pid in found if pid_alive(pid)}
+
+    def zygotes(self):
+        """
+        The zygotes the status file names (a master's, that forks its workers).
+        """
+        return {entry["zygote"] for entry in self.status().values() if entry.get("zygote")}
 
     def status(self):
         """
@@ -515,10 +524,11 @@ class ServerProcess:
         (invariant 4).
         """
         deadline = time.monotonic() + seconds
-        while self.live_processes():
+        while self.live_processes(zygotes=True):
             if time.monotonic() > deadline:
                 raise AssertionError(f"still alive {seconds} s after {after}: "
-                                     f"{sorted(self.live_processes())}\n" + self.output())
+                                     f"{sorted(self.live_processes(zygotes=True))}\n"
+                                     + self.output())
             time.sleep(0.05)
 
     def signal(self, pid, sig):
@@ -527,7 +537,7 @@ class ServerProcess:
     def kill_all(self):
         # Only processes that carry our marker (a pid we saw may have exited
         # and been reused), and our own child.
-        for pid in self.live_processes() | ({self.proc.pid} if self.proc else set()):
+        for pid in self.live_processes(zygotes=True) | ({self.proc.pid} if self.proc else set()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

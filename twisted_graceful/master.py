@@ -207,10 +207,12 @@ class Master(StateMachine):
                 f"{', '.join(str(p) for p in self.current.pids())}) keep serving")
 
     zygote_pid = None  # the master's zygote, if it has one (MasterService)
+    zygote_ready = False  # and whether it has imported what it preloads
 
     def _tell(self, event, **details):
         details.setdefault("workers", self.describe_workers())
         details.setdefault("zygote", self.zygote_pid)
+        details.setdefault("zygote_ready", self.zygote_ready)
         details.setdefault("execs", self.execs)
         StateMachine._tell(self, event, **details)
 
@@ -721,14 +723,20 @@ class MasterService(service.Service):
             return
         try:
             self.zygote = Zygote(self.reactor, executable, program, self.environ, self.cwd,
-                                 tls=self.zygote_tls, on_exit=self._zygote_exited).start()
+                                 tls=self.zygote_tls, on_exit=self._zygote_exited,
+                                 on_ready=self._zygote_ready).start()
         except Exception as e:
             self.log.error("master pid {pid}: could not start a zygote: {err}",
                            pid=os.getpid(), err=e)
             self.zygote = None
             return
-        self.master.zygote_pid = self.zygote.pid
+        self.master.zygote_pid, self.master.zygote_ready = self.zygote.pid, False
         self.master._tell("zygote-started", zygote_pid=self.zygote.pid)
+
+    def _zygote_ready(self, zygote):
+        if zygote is self.zygote:
+            self.master.zygote_ready = True
+            self.master._tell("zygote-ready", zygote_pid=zygote.pid)
 
     def _zygote_exited(self, zygote):
         # Replaced at the next upgrade's end or worker's start, not at once:
@@ -737,7 +745,7 @@ class MasterService(service.Service):
             self.log.info("master pid {pid}: zygote pid {z} is gone: {why}", pid=os.getpid(),
                           z=zygote.pid, why=zygote.why_gone)
             self.zygote = None
-            self.master.zygote_pid = None
+            self.master.zygote_pid, self.master.zygote_ready = None, False
             self.master._tell("zygote-exited", zygote_pid=zygote.pid)
 
     def _zygote_changed(self):
@@ -746,14 +754,14 @@ class MasterService(service.Service):
         the master serves again.
         """
         self.zygote = None
-        self.master.zygote_pid = None
+        self.master.zygote_pid, self.master.zygote_ready = None, False
         self.reactor.callLater(0, self._ensure_zygote)
 
     def _stop_zygote(self, why):
         if self.zygote is not None:
             self.zygote.stop(why)
             self.zygote = None
-            self.master.zygote_pid = None
+            self.master.zygote_pid, self.master.zygote_ready = None, False
 
     # --- re-executing the master's own code (SIGUSR2) ------------------------
     def reexec(self, reason="SIGUSR2"):

@@ -120,6 +120,7 @@ class ProcessStatus:
         self.role = None
         self.workers = None
         self.zygote = None
+        self.zygote_ready = False
         self.execs = None
         self.last_reexec = None
         self.timeline = UpgradeTimeline(clock)
@@ -136,6 +137,7 @@ class ProcessStatus:
             self.workers = workers
         if "zygote" in details:
             self.zygote = details["zygote"]
+            self.zygote_ready = bool(details.get("zygote_ready"))
         if execs is not None:
             self.execs = execs
         if event == "serving":
@@ -183,6 +185,7 @@ class ProcessStatus:
             "role": self.role,
             "workers": self.workers,
             "zygote": self.zygote,
+            "zygote_ready": self.zygote_ready,
             "execs": self.execs,
             "last_reexec": self.last_reexec,
             "generation": self.generation or self.graceful.generation,

@@ -526,9 +526,12 @@ class Zygote:
     L{fork}, replaced when it refuses because the code changed.
     """
 
-    def __init__(self, reactor, executable, program, environ, cwd, tls=False, on_exit=None):
+    def __init__(self, reactor, executable, program, environ, cwd, tls=False, on_exit=None,
+                 on_ready=None):
         self.reactor = reactor
         self.on_exit = on_exit
+        self.on_ready = on_ready
+        self._reader = None
         self.executable = executable
         self.program = program
         self.environ = dict(environ)
@@ -564,12 +567,20 @@ class Zygote:
             theirs.close()
         self.sock = ours
         self.pid = self.process.pid
+        self._reader = _ReadyReader(self)
+        self.reactor.addReader(self._reader)
         return self
+
+    def _stop_reading(self):
+        if self._reader is not None:
+            self.reactor.removeReader(self._reader)
+            self._reader = None
 
     def _gone(self, why):
         if not self.gone:
             self.gone, self.why_gone = True, why
         self.ready = False
+        self._stop_reading()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -600,6 +611,10 @@ class Zygote:
             self._gone("it closed its socket")
             return False
         self.ready = "ready" in json.loads(message)
+        if self.ready:
+            self._stop_reading()  # the socket is the forks' from now on
+            if self.on_ready is not None:
+                self.on_ready(self)
         return self.ready
 
     def fork(self, executable, args, environment, path, fdmap):
@@ -654,6 +669,29 @@ class Zygote:
             return pid
         finally:
             os.close(go_w)
+
+
+class _ReadyReader:
+    """
+    Reads the zygote's READY as soon as it is written (a reactor reader,
+    removed once it is).
+    """
+
+    def __init__(self, zygote):
+        self.zygote = zygote
+        self._fileno = zygote.sock.fileno()
+
+    def fileno(self):
+        return self._fileno
+
+    def logPrefix(self):
+        return "zygote"
+
+    def doRead(self):
+        self.zygote._check_ready()
+
+    def connectionLost(self, reason):
+        pass
 
 
 def _text(value):

@@ -1,0 +1,287 @@
+"""
+The zygote's parts that need no master: which commands it can run, when
+its imports are stale, how a worker's descriptors are put in place, the
+master's side of the protocol against a zygote that misbehaves, and the
+reaping of re-parented strays. The whole thing, with real masters, is in
+tests/test_zygote_e2e.py.
+"""
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import types
+
+from twisted.trial import unittest
+
+from twisted_graceful import zygote
+
+
+class CommandTests(unittest.TestCase):
+    def test_a_script_run_by_the_interpreter(self):
+        self.assertEqual(zygote.program_of("/py", ["/py", "/bin/twistd", "-n"]), "/bin/twistd")
+
+    def test_what_a_zygote_cannot_run(self):
+        self.assertIsNone(zygote.program_of("/py", ["/py", "-m", "twisted"]))
+        self.assertIsNone(zygote.program_of("/py", ["/other", "/bin/twistd"]))
+        self.assertIsNone(zygote.program_of("/py", ["/py"]))
+
+    def test_the_zygote_runs_the_same_interpreter(self):
+        executable, args = zygote.zygote_command("/py", "/bin/twistd", tls=True)
+        self.assertEqual(executable, "/py")
+        self.assertEqual(args, ["/py", "-m", "twisted_graceful.zygote", "/bin/twistd", "--tls"])
+
+    def test_the_interpreters_environment(self):
+        env = {"PYTHONPATH": "/x", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8", "LC_ALL": "C",
+               "HOME": "/root", "GRACEFUL_ROLE": "worker"}
+        self.assertEqual(zygote.interpreter_environment(env),
+                         {"PYTHONPATH": "/x", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8",
+                          "LC_ALL": "C"})
+
+
+class StaleTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.path = os.path.join(self.dir, "lib.py")
+        with open(self.path, "w") as f:
+            f.write("x = 1\n")
+        module = types.ModuleType("lib")
+        module.__file__ = self.path
+        self.modules = {"lib": module, "builtin": types.ModuleType("builtin")}
+
+    def test_nothing_changed(self):
+        before = zygote.snapshot(self.modules)
+        self.assertIn(self.path, before)
+        self.assertIsNone(zygote.changed_since(before))
+
+    def test_a_file_rewritten(self):
+        before = zygote.snapshot(self.modules)
+        with open(self.path, "w") as f:
+            f.write("x = 2\n")  # same size; another mtime/ctime
+        os.utime(self.path, ns=(0, 0))
+        self.assertEqual(zygote.changed_since(before), self.path)
+
+    def test_a_file_replaced_by_rename(self):
+        before = zygote.snapshot(self.modules)
+        stat = os.stat(self.path)
+        new = self.path + ".new"
+        with open(new, "w") as f:
+            f.write("x = 1\n")
+        os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or an unpacker
+        os.rename(new, self.path)
+        self.assertEqual(zygote.changed_since(before), self.path)
+
+    def test_a_file_removed(self):
+        before = zygote.snapshot(self.modules)
+        os.remove(self.path)
+        self.assertEqual(zygote.changed_since(before), self.path)
+
+    def test_extra_files(self):
+        other = os.path.join(self.dir, "program")
+        with open(other, "w") as f:
+            f.write("#!/bin/sh\n")
+        before = zygote.snapshot({}, extra=(other,))
+        with open(other, "a") as f:
+            f.write("exit 0\n")
+        self.assertEqual(zygote.changed_since(before), other)
+
+
+class RequestTests(unittest.TestCase):
+    def setUp(self):
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(theirs.close)
+        self.program = os.path.abspath(__file__)
+        self.env = {"PYTHONPATH": "/a", "HOME": "/root"}
+        self.server = zygote.ZygoteServer(theirs, sys.executable, self.program, self.env)
+
+    def request(self, **changes):
+        request = {"executable": sys.executable, "args": [sys.executable, self.program, "-n"],
+                   "env": dict(self.env, GRACEFUL_ROLE="worker"), "path": "/", "fds": [0, 1]}
+        request.update(changes)
+        return request
+
+    def test_a_request_it_can_fork(self):
+        self.assertIsNone(self.server.why_not(self.request()))
+
+    def test_another_interpreter(self):
+        self.assertIn("the interpreter is /other",
+                      self.server.why_not(self.request(executable="/other")))
+
+    def test_another_program(self):
+        why = self.server.why_not(self.request(args=[sys.executable, "/bin/other"]))
+        self.assertIn("/bin/other", why)
+
+    def test_another_interpreter_environment(self):
+        why = self.server.why_not(self.request(env={"PYTHONPATH": "/b"}))
+        self.assertIn("environment", why)
+
+    def test_a_changed_file(self):
+        self.server.files[self.program] = ("not", "this")
+        why = self.server.why_not(self.request())
+        self.assertEqual(why, f"{self.program} changed since the zygote imported it")
+
+    def test_descriptors_that_do_not_match(self):
+        reply = self.server.handle(self.request(), [5])
+        self.assertIn("1 descriptors for 2 + 1", reply["refused"])
+        self.assertNotIn("pid", reply)
+
+
+class FakeZygote:
+    """
+    The zygote's end of the socket, answering with C{reply(request, fds)}.
+    """
+
+    def __init__(self, reply):
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.reply = reply
+        self.requests = []
+        self.ours.sendall(json.dumps({"ready": 1}).encode())
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        message, fds, _, _ = socket.recv_fds(self.ours, 1 << 20, 64)
+        request = json.loads(message)
+        self.requests.append((request, len(fds)))
+        answer = self.reply(request, fds)
+        for fd in fds:
+            os.close(fd)
+        if answer is not None:
+            self.ours.sendall(json.dumps(answer).encode())
+
+    def master_side(self):
+        z = zygote.Zygote(None, sys.executable, "/bin/twistd", {}, "/")
+        z.sock = self.theirs
+        return z
+
+
+class MasterSideTests(unittest.TestCase):
+    def fork(self, fake):
+        z = fake.master_side()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        try:
+            return z, z.fork(sys.executable, [sys.executable, "/bin/twistd"], {"A": "b"}, "/",
+                             {0: r, 1: w})
+        finally:
+            fake.thread.join(10)
+            fake.ours.close()
+
+    def test_a_stale_zygote_is_stopped(self):
+        fake = FakeZygote(lambda request, fds: {"refused": "lib.py changed", "stale": True})
+        with self.assertRaises(zygote.ZygoteUnavailable) as caught:
+            self.fork(fake)
+        self.assertEqual(str(caught.exception), "lib.py changed")
+        request, nfds = fake.requests[0]
+        self.assertEqual(request["fds"], [0, 1])
+        self.assertEqual(nfds, 3)  # and the go pipe
+        self.assertEqual(request["env"], {"A": "b"})
+
+    def test_a_refusal_that_is_not_staleness_keeps_it(self):
+        fake = FakeZygote(lambda request, fds: {"refused": "bad request: x"})
+        z = fake.master_side()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        with self.assertRaises(zygote.ZygoteUnavailable):
+            z.fork(sys.executable, [sys.executable, "/bin/twistd"], None, None, {0: r})
+        self.assertFalse(z.gone)
+        fake.thread.join(10)
+        z.sock.close()
+        fake.ours.close()
+
+    def test_a_zygote_that_does_not_answer(self):
+        self.patch(zygote, "FORK_TIMEOUT", 0.2)
+        fake = FakeZygote(lambda request, fds: None)
+        with self.assertRaises(zygote.ZygoteUnavailable) as caught:
+            self.fork(fake)
+        self.assertIn("did not answer", str(caught.exception))
+
+    def test_a_pid_that_is_not_our_child(self):
+        go = {}
+
+        def reply(request, fds):
+            go["fd"] = os.dup(fds[-1])
+            return {"pid": 1}
+
+        fake = FakeZygote(reply)
+        with self.assertRaises(zygote.ZygoteUnavailable) as caught:
+            self.fork(fake)
+        self.assertIn("pid 1 is not our child", str(caught.exception))
+        # The fork the master gave up on is told not to go on.
+        self.assertEqual(os.read(go["fd"], 1), b"")
+        os.close(go["fd"])
+
+    def test_a_zygote_still_importing(self):
+        z = zygote.Zygote(None, sys.executable, "/bin/twistd", {}, "/")
+        ours, z.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        self.addCleanup(z.sock.close)
+        with self.assertRaises(zygote.ZygoteUnavailable) as caught:
+            z.fork(sys.executable, [sys.executable, "/bin/twistd"], None, None, {})
+        self.assertIn("still importing", str(caught.exception))
+
+
+class PlaceDescriptorsTests(unittest.TestCase):
+    def test_each_descriptor_at_its_number_and_nothing_else(self):
+        """
+        In a forked child: the worker's descriptors (one of them already at
+        another's target number) end up at their targets, the go pipe above
+        them, every other descriptor closed.
+        """
+        out_r, out_w = os.pipe()
+        extra_r, extra_w = os.pipe()
+        go_r, go_w = os.pipe()
+        stray = os.open(os.devnull, os.O_RDONLY)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                # fd 1 is out_w; fd 4 is extra_w; out_w's own number may be 4's target.
+                go = zygote._place_fds([1, 4], [out_w, extra_w, go_r])
+                open_fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+                os.write(1, json.dumps({"open": open_fds, "go": go}).encode())
+                os.write(4, b"four")
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        for fd in (out_w, extra_w, go_r, stray):
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        os.close(go_w)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        report = json.loads(os.read(out_r, 4096))
+        self.assertEqual(os.read(extra_r, 4096), b"four")
+        os.close(out_r)
+        os.close(extra_r)
+        self.assertEqual(report["go"], 5)
+        self.assertTrue({1, 4, 5} <= set(report["open"]), report)
+        # listdir's own descriptor shows; nothing else may.
+        self.assertLessEqual(len(set(report["open"]) - {1, 4, 5}), 1, report)
+
+
+class StrayTests(unittest.TestCase):
+    def exited_child(self, code):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(code)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        return pid
+
+    def test_a_stray_is_reaped(self):
+        pid = self.exited_child(5)
+        self.assertEqual(zygote.reap_strays(lambda: set()), [pid])
+        with self.assertRaises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+    def test_a_known_child_is_left_to_its_reaper(self):
+        pid = self.exited_child(6)
+        self.assertEqual(zygote.reap_strays(lambda: {pid}), [])
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 6)
+
+    def test_no_children(self):
+        self.assertEqual(zygote.reap_strays(lambda: set()), [])
