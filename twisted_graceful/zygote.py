@@ -76,8 +76,18 @@ PRELOAD = (
     "twisted.web.static",
     "twisted.web.wsgi",
     "prometheus_client",
+    "prometheus_client.core",
     "prometheus_client.multiprocess",
     "sqlite3",
+    # What Twisted's own plugins (imported by twistd's plugin lookup in
+    # every worker) import.
+    "argparse",
+    "difflib",
+    "pkgutil",
+    "unittest",
+    "twisted.cred.strcred",
+    "twisted.trial.itrial",
+    "twisted.words.iwords",
 )
 PRELOAD_TLS = (
     "OpenSSL.SSL",
