@@ -669,6 +669,13 @@ class MasterService(service.Service):
                               "interpreter: {why}", pid=os.getpid(), g=generation, why=e)
                 if zygote.gone:
                     self._zygote_changed()
+            except Exception:
+                # Not a refusal: a fault of ours. No more forks; the worker
+                # starts as it did before zygotes.
+                self.log.failure("master pid {pid}: the zygote failed; workers start as new "
+                                 "interpreters from now on", pid=os.getpid())
+                self.use_zygote = False
+                self._stop_zygote("it failed", kill=True)
         proto = self._worker_protocol(master)
         spawn_next_generation(
             self.reactor, proto, executable, args, listeners, None, environ, generation,
@@ -683,9 +690,9 @@ class MasterService(service.Service):
     def _start_zygote_support(self):
         from twisted.internet import process, task
 
-        from twisted_graceful.zygote import become_subreaper, reap_strays
+        from twisted_graceful.zygote import become_subreaper, reap_strays, supported
 
-        if not become_subreaper():
+        if not supported() or not become_subreaper():
             self.use_zygote = False
             self.log.info("master pid {pid}: workers start as new interpreters (this system "
                           "cannot make the master a child subreaper)", pid=os.getpid())
@@ -757,9 +764,9 @@ class MasterService(service.Service):
         self.master.zygote_pid, self.master.zygote_ready = None, False
         self.reactor.callLater(0, self._ensure_zygote)
 
-    def _stop_zygote(self, why):
+    def _stop_zygote(self, why, kill=False):
         if self.zygote is not None:
-            self.zygote.stop(why)
+            self.zygote.stop(why, kill=kill)
             self.zygote = None
             self.master.zygote_pid, self.master.zygote_ready = None, False
 

@@ -492,6 +492,15 @@ def main(argv=None):
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def supported():
+    """
+    Has this interpreter what the master's side needs (descriptor passing,
+    C{waitid})?
+    """
+    return all(hasattr(socket, name) for name in ("send_fds", "recv_fds")) and hasattr(
+        os, "waitid") and sys.platform.startswith("linux")
+
+
 def become_subreaper():
     """
     Make this process the parent of every orphaned descendant (Linux
