@@ -662,7 +662,6 @@ class MasterService(service.Service):
                     self.reactor, proto, executable, args, listeners, None, environ,
                     generation, self.pidfile, self.ready_timeout, self.cwd,
                     role=handoff.WORKER, spawn=forking_spawner(zygote, self.reactor))
-                proto.forked = True
                 return proto
             except ZygoteUnavailable as e:
                 self.log.info("master pid {pid}: a worker of generation {g} starts as a new "
