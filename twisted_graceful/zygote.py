@@ -755,13 +755,12 @@ def forking_spawner(zygote, reactor):
     """
     cls = forked_process_class()
 
-    class Bound(cls):
-        pass
-
-    Bound.zygote = zygote
-
     def spawn(process_protocol, executable, args, env=None, path=None, childFDs=None):
-        return Bound(reactor, executable, args, env, path, process_protocol, childFDs=childFDs)
+        process = cls.__new__(cls)
+        process.zygote = zygote  # Process.__init__ forks: it must know whose fork
+        cls.__init__(process, reactor, executable, args, env, path, process_protocol,
+                     childFDs=childFDs)
+        return process
 
     return spawn
 
