@@ -25,7 +25,7 @@ WORKERS = 2
 
 
 class MasterTestCase(unittest.TestCase):
-    def start(self, *extra):
+    def start(self, *extra, env=None):
         self.db_dir = os.path.abspath(self.mktemp())
         os.makedirs(self.db_dir)
         server = ServerProcess(self, [
@@ -33,7 +33,7 @@ class MasterTestCase(unittest.TestCase):
             "--workers", str(WORKERS), "--db", os.path.join(self.db_dir, "store.sqlite3"),
             "--drain-timeout", str(DRAIN_TIMEOUT), "--abort-grace", str(ABORT_GRACE),
             "--ready-timeout", "20", *extra,
-        ]).start()
+        ], env=env).start()
         master = server.wait_pidfile()
         self.assertEqual(master, server.proc.pid)  # twistd -n itself: it never leaves
         entry = self.wait_master(server, master, generation=1)

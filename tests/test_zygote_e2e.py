@@ -67,18 +67,7 @@ class ZygoteTestCase(MasterTestCase):
         with open(self.sitecustomize, "w") as f:
             f.write(SITECUSTOMIZE)
         path = [self.code] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        self.db_dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.db_dir)
-        server = ServerProcess(self, [
-            "graceful", "--port", "tcp:0:interface=127.0.0.1", "--slow-every", "0",
-            "--workers", str(WORKERS), "--db", os.path.join(self.db_dir, "store.sqlite3"),
-            "--drain-timeout", str(DRAIN_TIMEOUT), "--abort-grace", str(ABORT_GRACE),
-            "--ready-timeout", "20", *extra,
-        ], env=dict(os.environ, PYTHONPATH=os.pathsep.join(path))).start()
-        master = server.wait_pidfile()
-        entry = self.wait_master(server, master, generation=1)
-        ports = self.wait_ports(server, entry["workers"][0]["pid"])
-        return server, master, ports
+        return self.start(*extra, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)))
 
     def wait_zygote(self, server, master, other_than=None, timeout=60):
         """
