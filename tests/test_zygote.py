@@ -285,3 +285,190 @@ class StrayTests(unittest.TestCase):
 
     def test_no_children(self):
         self.assertEqual(zygote.reap_strays(lambda: set()), [])
+
+
+class FakeMasterZygote:
+    """
+    Stands for L{zygote.Zygote} in the master: started, ready, refusing or
+    dying as a test says.
+    """
+
+    started = []
+
+    def __init__(self, reactor, executable, program, environ, cwd, tls=False, on_exit=None,
+                 on_ready=None):
+        self.program, self.tls = program, tls
+        self.on_exit, self.on_ready = on_exit, on_ready
+        self.pid = 9000 + len(self.started)
+        self.gone = False
+        self.why_gone = None
+        self.stopped = None
+        self.refusal = None  # (why, stale) for the next fork
+        self.forks = 0
+
+    def start(self):
+        self.started.append(self)
+        return self
+
+    def stop(self, why="stopped", kill=False):
+        self.gone, self.stopped, self.why_gone = True, why, why
+
+    def fork(self):
+        if self.refusal is not None:
+            why, stale = self.refusal
+            if stale:
+                self.stop(why)
+            raise zygote.ZygoteUnavailable(why)
+        self.forks += 1
+
+
+class MasterPolicyTests(unittest.TestCase):
+    """
+    When the master starts, uses, replaces and stops its zygote (a recorded
+    reactor, a fake zygote).
+    """
+
+    def setUp(self):
+        from twisted_graceful import master as M
+
+        from tests.test_service import FakeProcessTransport, SpawningReactor
+
+        FakeMasterZygote.started = []
+        self.patch(zygote, "Zygote", FakeMasterZygote)
+        self.patch(zygote, "become_subreaper", lambda: True)
+        self.patch(zygote, "supported", lambda: True)
+        self.reactor = SpawningReactor()
+        self.forked = []
+        reactor = self.reactor
+
+        def forking_spawner(z, _reactor):
+            def spawn(proto, executable, args, env=None, path=None, childFDs=None):
+                z.fork()
+                transport = FakeProcessTransport(reactor.next_pid)
+                reactor.next_pid += 1
+                self.forked.append({"proto": proto, "transport": transport, "zygote": z})
+                proto.makeConnection(transport)
+                return transport
+            return spawn
+
+        self.patch(zygote, "forking_spawner", forking_spawner)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.addCleanup(sock.close)
+        self.service = M.MasterService(
+            self.reactor, {"http": sock}, workers=2, pidfile=os.path.abspath(self.mktemp()),
+            environ={"PATH": "/bin"}, install_signal_handlers=False, relay_output=False,
+            command=(sys.executable, [sys.executable, "/bin/twistd", "graceful"]), zygote=True)
+        self.service.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if self.service.running:
+            self.service.stopService()  # its Deferred waits for workers that never exit
+
+    def ready(self, spawned):
+        for s in spawned:
+            s["proto"].childDataReceived(4, b"READY %d\n" % (s["transport"].pid,))
+
+    def settle(self):
+        self.reactor.advance(0)
+
+    def retired(self, spawned):
+        """
+        The old workers say they stopped accepting: the upgrade is over.
+        """
+        for s in spawned:
+            s["proto"].childDataReceived(4, b"STOPPED %d\n" % (s["transport"].pid,))
+        self.settle()
+
+    def test_the_first_set_is_spawned_and_a_zygote_follows(self):
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(FakeMasterZygote.started, [])
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        self.assertEqual(z.program, "/bin/twistd")
+        self.assertEqual(self.service.master.zygote_pid, z.pid)
+        self.assertFalse(self.service.master.zygote_ready)
+        z.on_ready(z)
+        self.assertTrue(self.service.master.zygote_ready)
+
+    def test_an_upgrade_forks_and_keeps_the_zygote(self):
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        self.assertEqual(self.service.upgrade("SIGHUP"), "started")
+        self.assertEqual(len(self.forked), 2)
+        self.assertEqual(len(self.reactor.spawned), 2)  # none spawned
+        self.ready(self.forked)
+        self.settle()
+        self.assertEqual(FakeMasterZygote.started, [z])
+
+    def test_a_stale_zygote_spawns_that_upgrade_and_is_replaced_after_it(self):
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        z.refusal = ("lib.py changed since the zygote imported it", True)
+        self.service.upgrade("SIGHUP")
+        self.assertEqual(len(self.forked), 0)
+        self.assertEqual(len(self.reactor.spawned), 4)
+        self.assertEqual(z.stopped, "lib.py changed since the zygote imported it")
+        self.settle()
+        self.assertEqual(len(FakeMasterZygote.started), 1)  # not while upgrading
+        self.ready(self.reactor.spawned[2:])
+        self.settle()
+        self.assertEqual(len(FakeMasterZygote.started), 1)
+        self.retired(self.reactor.spawned[:2])
+        self.assertEqual(len(FakeMasterZygote.started), 2)
+
+    def test_a_zygote_that_is_not_ready_keeps_it(self):
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        z.refusal = ("the zygote is still importing", False)
+        self.service.upgrade("SIGHUP")
+        self.assertEqual(len(self.reactor.spawned), 4)
+        self.assertFalse(z.gone)
+        self.assertIs(self.service.zygote, z)
+
+    def test_a_dead_zygote_is_replaced_at_the_next_event_not_at_once(self):
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        z.gone = True
+        z.on_exit(z)
+        self.settle()
+        self.assertIsNone(self.service.master.zygote_pid)
+        self.assertEqual(len(FakeMasterZygote.started), 1)
+        self.service.upgrade("SIGHUP")
+        self.assertEqual(len(self.reactor.spawned), 4)  # spawned: no zygote
+        self.ready(self.reactor.spawned[2:])
+        self.retired(self.reactor.spawned[:2])
+        self.assertEqual(len(FakeMasterZygote.started), 2)
+
+    def test_a_fault_of_the_zygote_turns_it_off(self):
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+
+        def broken():
+            raise OSError("no")
+
+        z.fork = broken
+        self.service.upgrade("SIGHUP")
+        self.assertEqual(len(self.reactor.spawned), 4)
+        self.assertFalse(self.service.use_zygote)
+        self.assertTrue(z.gone)
+        self.flushLoggedErrors(OSError)
+        self.ready(self.reactor.spawned[2:])
+        self.retired(self.reactor.spawned[:2])
+        self.assertEqual(len(FakeMasterZygote.started), 1)
+
+    def test_shutting_down_stops_it(self):
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        self.service.stopService()
+        self.assertTrue(z.gone)
+        self.assertIsNone(self.service.master.zygote_pid)
