@@ -332,3 +332,15 @@ class MasterStatusTests(unittest.TestCase):
                                    f"{cli._when(2000.0)}")
         self.assertEqual(lines[1], "  worker pid 11 generation 3: serving")
         self.assertNotIn("worker pid 12", "\n".join(lines))
+        self.assertNotIn("zygote", "\n".join(lines))
+
+    def test_the_zygote(self):
+        entry = {"role": "master", "state": "serving", "generation": 1,
+                 "workers": [{"pid": 11, "generation": 1, "state": "serving"}],
+                 "zygote": 13, "zygote_ready": False}
+        lines = cli.master_status(10, entry, alive=lambda pid: True)
+        self.assertEqual(lines[2], "  zygote pid 13: importing")
+        entry["zygote_ready"] = True
+        lines = cli.master_status(10, entry, alive=lambda pid: True)
+        self.assertEqual(lines[2], "  zygote pid 13: forks the new workers")
+        self.assertNotIn("zygote", "\n".join(cli.master_status(10, entry, alive=lambda p: p != 13)))

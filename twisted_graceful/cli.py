@@ -277,6 +277,10 @@ def master_status(pid, entry, alive=pid_alive):
         if alive(worker.get("pid")):
             lines.append(f"  worker pid {worker.get('pid')} generation {worker.get('generation')}"
                          f": {worker.get('state')}")
+    zygote = entry.get("zygote")
+    if zygote and alive(zygote):
+        lines.append(f"  zygote pid {zygote}: "
+                     + ("forks the new workers" if entry.get("zygote_ready") else "importing"))
     if outcome and outcome.get("result") == "ok":
         lines.append(f"last upgrade ok at {_when(outcome.get('finished_at'))}: every new worker "
                      f"ready after {_seconds(outcome.get('duration_seconds'))}")
