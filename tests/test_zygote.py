@@ -12,6 +12,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import types
 
 from twisted.trial import unittest
@@ -472,3 +473,27 @@ class MasterPolicyTests(unittest.TestCase):
         self.service.stopService()
         self.assertTrue(z.gone)
         self.assertIsNone(self.service.master.zygote_pid)
+
+
+class StrayWithoutWaitidTests(StrayTests):
+    """
+    The same where the interpreter has no C{os.waitid} (PyPy 7.3.11): the
+    zombies among /proc's list of our children.
+    """
+
+    def exited_child(self, code):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(code)
+        deadline = time.monotonic() + 30
+        while _state(pid) != "Z":  # exited, not reaped
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.001)
+        self.patch(zygote.os, "waitid", None)
+        del zygote.os.waitid  # as on PyPy (restored by the patch's cleanup)
+        return pid
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

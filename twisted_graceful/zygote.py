@@ -497,8 +497,8 @@ def supported():
     Has this interpreter what the master's side needs (descriptor passing,
     C{waitid})?
     """
-    return all(hasattr(socket, name) for name in ("send_fds", "recv_fds")) and hasattr(
-        os, "waitid") and sys.platform.startswith("linux")
+    return all(hasattr(socket, name) for name in ("send_fds", "recv_fds")) and (
+        sys.platform.startswith("linux"))
 
 
 def become_subreaper():
@@ -524,6 +524,8 @@ def reap_strays(known):
     re-parented to a subreaper); C{known()} is the set of PIDs someone else
     reaps. Returns the PIDs reaped.
     """
+    if not hasattr(os, "waitid"):  # PyPy 7.3.11
+        return _reap_zombie_children(known)
     reaped = []
     while True:
         try:
@@ -537,6 +539,38 @@ def reap_strays(known):
         except ChildProcessError:
             return reaped
         reaped.append(info.si_pid)
+
+
+def _reap_zombie_children(known):
+    """
+    L{reap_strays} without C{waitid}: our children (Linux's
+    C{/proc/self/task/*/children}) that are zombies and unknown.
+    """
+    children = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        except (OSError, ValueError):
+            continue
+    reaped = []
+    for pid in sorted(children - set(known())):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z":
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped.append(pid)
+            except ChildProcessError:
+                pass
+    return reaped
 
 
 class Zygote:
