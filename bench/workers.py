@@ -622,6 +622,7 @@ async def interpreter_start_times(opts, workdir):
             try:
                 for generation in (2, 3):
                     await asyncio.sleep(0.5)  # the previous upgrade's old generation is gone
+                    await cluster.zygote_ready()
                     t0 = time.monotonic()
                     os.kill(cluster.master, signal.SIGHUP)
                     t["answer"].append(await answered_by(cluster.ports["http"], generation) - t0)

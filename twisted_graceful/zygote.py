@@ -242,9 +242,13 @@ class ZygoteServer:
                 return 0  # the master is gone
             try:
                 request = json.loads(message)
-                reply = self.handle(request, fds)
-            except Exception as e:
+            except ValueError as e:
                 reply = {"refused": f"bad request: {e}"}
+            else:
+                try:
+                    reply = self.handle(request, fds)
+                except Exception as e:
+                    reply = {"refused": f"the zygote could not fork: {type(e).__name__}: {e}"}
             for fd in fds:
                 try:
                     os.close(fd)
