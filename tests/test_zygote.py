@@ -97,6 +97,7 @@ class RequestTests(unittest.TestCase):
         self.program = os.path.abspath(__file__)
         self.env = {"PYTHONPATH": "/a", "HOME": "/root"}
         self.server = zygote.ZygoteServer(theirs, sys.executable, self.program, self.env)
+        self.patch(zygote, "why_unusable", lambda: None)  # trial runs a reactor and threads
 
     def request(self, **changes):
         request = {"executable": sys.executable, "args": [sys.executable, self.program, "-n"],
@@ -128,6 +129,37 @@ class RequestTests(unittest.TestCase):
         reply = self.server.handle(self.request(), [5])
         self.assertIn("1 descriptors for 2 + 1", reply["refused"])
         self.assertNotIn("pid", reply)
+
+
+class UnusableTests(unittest.TestCase):
+    def test_a_zygote_with_a_reactor(self):
+        self.patch(zygote, "threads", lambda: 1)
+        self.assertEqual(zygote.why_unusable({"twisted.internet.reactor": object()}),
+                         "a preloaded module installed a reactor")
+
+    def test_a_zygote_with_threads(self):
+        self.patch(zygote, "threads", lambda: 3)
+        self.assertIn("it runs 3 threads", zygote.why_unusable({}))
+
+    def test_a_zygote_that_can_fork(self):
+        self.patch(zygote, "threads", lambda: 1)
+        self.assertIsNone(zygote.why_unusable({}))
+
+    def test_the_kernel_counts_the_threads(self):
+        started = threading.Event()
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (started.set(), done.wait(10)))
+        thread.start()
+        started.wait(10)
+        try:
+            self.assertGreaterEqual(zygote.threads(), 2)
+        finally:
+            done.set()
+            thread.join(10)
+
+    def test_mapped_libraries_are_in_the_snapshot(self):
+        snap = zygote.snapshot({})
+        self.assertTrue(any("libc" in os.path.basename(p) for p in snap), sorted(snap)[:20])
 
 
 class FakeZygote:
@@ -303,6 +335,8 @@ class FakeMasterZygote:
         self.pid = 9000 + len(self.started)
         self.gone = False
         self.why_gone = None
+        self.unusable = None
+        self.ready = False
         self.stopped = None
         self.refusal = None  # (why, stale) for the next fork
         self.forks = 0
@@ -497,3 +531,34 @@ class StrayWithoutWaitidTests(StrayTests):
 def _state(pid):
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+class StdioTests(unittest.TestCase):
+    """
+    A forked worker's sys.std* are buffered as a new interpreter's would be:
+    with -u (PYTHONUNBUFFERED, Docker's default) a line is written at once,
+    and survives an os._exit (a SIGKILL) right after it.
+    """
+
+    CODE = ("from twisted_graceful.zygote import _fresh_stdio; _fresh_stdio(); import os, sys; "
+            "sys.stderr.write(type(sys.stdout.buffer).__name__ + '\\n'); print('written'); "
+            "os._exit(0)")
+
+    def run_child(self, *flags):
+        import subprocess
+
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+            os.path.abspath(zygote.__file__))))
+        env.pop("PYTHONUNBUFFERED", None)
+        return subprocess.run([sys.executable, *flags, "-c", self.CODE], capture_output=True,
+                              text=True, timeout=60, env=env)
+
+    def test_unbuffered(self):
+        result = self.run_child("-u")
+        self.assertEqual(result.stderr.strip(), "FileIO")
+        self.assertEqual(result.stdout, "written\n")
+
+    def test_buffered_into_a_pipe(self):
+        result = self.run_child()
+        self.assertEqual(result.stderr.strip(), "BufferedWriter")
+        self.assertEqual(result.stdout, "")  # as a new interpreter's: lost by os._exit

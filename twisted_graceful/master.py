@@ -747,6 +747,10 @@ class MasterService(service.Service):
     def _zygote_exited(self, zygote):
         # Replaced at the next upgrade's end or worker's start, not at once:
         # a zygote that cannot start (a broken deploy) would loop.
+        if zygote.unusable is not None:
+            self.use_zygote = False
+            self.log.warn("master pid {pid}: workers start as new interpreters from now on: the "
+                          "zygote cannot fork ({why})", pid=os.getpid(), why=zygote.unusable)
         if zygote is self.zygote:
             self.log.info("master pid {pid}: zygote pid {z} is gone: {why}", pid=os.getpid(),
                           z=zygote.pid, why=zygote.why_gone)
@@ -765,7 +769,9 @@ class MasterService(service.Service):
 
     def _stop_zygote(self, why, kill=False):
         if self.zygote is not None:
-            self.zygote.stop(why, kill=kill)
+            # One still importing would not read its socket's end: SIGKILL
+            # (it holds nothing); a ready one leaves at the end of its socket.
+            self.zygote.stop(why, kill=kill or not self.zygote.ready)
             self.zygote = None
             self.master.zygote_pid, self.master.zygote_ready = None, False
 

@@ -180,7 +180,27 @@ def snapshot(modules=None, extra=()):
         if isinstance(origin, str) and os.path.isabs(origin):
             paths.add(origin)
     paths.update(_pth_files())
+    paths.update(_mapped_files())
     return {path: _file_key(path) for path in paths}
+
+
+def _mapped_files():
+    """
+    The files mapped into this process: the interpreter, its shared library,
+    extension modules and the libraries they link (libssl, libsqlite3).
+    """
+    found = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    path = fields[5].rstrip("\n")
+                    if not path.endswith(" (deleted)"):
+                        found.add(path)
+    except OSError:
+        pass
+    return found
 
 
 def changed_since(before):
@@ -193,6 +213,34 @@ def changed_since(before):
     for path in _pth_files():
         if path not in before:
             return path
+    return None
+
+
+def threads():
+    """
+    Threads of this process (the kernel's count, which sees threads Python
+    did not start too).
+    """
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def why_unusable(modules=None):
+    """
+    Why this process must not fork workers, or None.
+    """
+    if "twisted.internet.reactor" in (sys.modules if modules is None else modules):
+        # Its epoll descriptor and waker would be shared by every worker.
+        return "a preloaded module installed a reactor"
+    count = threads()
+    if count > 1:
+        # A fork copies the locks other threads hold, not the threads.
+        return (f"it runs {count} threads (started by a start-up hook such as sitecustomize "
+                f"or a .pth file?)")
     return None
 
 
@@ -230,7 +278,7 @@ class ZygoteServer:
         changed = changed_since(self.files)
         if changed is not None:
             return f"{changed} changed since the zygote imported it"
-        return None
+        return why_unusable()
 
     def serve(self):
         while True:
@@ -354,7 +402,7 @@ def _fresh_stdio():
             stream = io.TextIOWrapper(io.BufferedReader(raw), encoding=encoding, errors=errors)
         else:
             line = fd == 2 or raw.isatty()
-            buffered = io.BufferedWriter(raw)
+            buffered = raw if unbuffered else io.BufferedWriter(raw)  # -u: no binary buffer
             stream = io.TextIOWrapper(buffered, encoding=encoding, errors=errors,
                                       line_buffering=line and not unbuffered,
                                       write_through=unbuffered)
@@ -393,10 +441,15 @@ def become_worker(request, fds, control):
         code = _run_program(program)
     except SystemExit as e:
         code = _exit_code(e.code)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
+    except BaseException as e:
+        try:
+            sys.excepthook(type(e), e, e.__traceback__)  # as the interpreter reports it
+        except BaseException:
+            pass
+        if isinstance(e, KeyboardInterrupt):
+            _shutdown()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)  # dies by SIGINT, as the interpreter does
     finally:
         _shutdown()
         os._exit(code)
@@ -466,7 +519,8 @@ def main(argv=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     program, tls = argv[0], "--tls" in argv[1:]
-    sys.path[0] = os.path.dirname(os.path.realpath(program))  # as for `python PROGRAM`
+    if not getattr(sys.flags, "safe_path", False):  # -P, PYTHONSAFEPATH: nothing was added
+        sys.path[0] = os.path.dirname(os.path.realpath(program))  # as for `python PROGRAM`
     sock = socket.socket(fileno=CONTROL_FD)
     # Ctrl-C reaches the whole process group: the zygote leaves when the
     # master closes its socket, not before (its workers get SIGINT back).
@@ -474,10 +528,9 @@ def main(argv=None):
     if not tls:
         sys.modules["OpenSSL"] = None  # as a worker without a TLS listener (fact 43)
     _preload(PRELOAD + (PRELOAD_TLS if tls else ()))
-    if "twisted.internet.reactor" in sys.modules:
-        # Its epoll descriptor and waker would be shared by every worker.
-        print("twisted-graceful zygote: a preloaded module installed a reactor; exiting",
-              file=sys.stderr)
+    unusable = why_unusable()
+    if unusable is not None:
+        sock.sendall(json.dumps({"unusable": unusable}).encode())
         os._exit(2)
     server = ZygoteServer(sock, sys.executable, program, os.environ)
     gc.collect()
@@ -600,6 +653,7 @@ class Zygote:
         self.ready = False
         self.gone = False
         self.why_gone = None
+        self.unusable = None  # why it said it cannot fork at all
         self.forks = 0
 
     def start(self):
@@ -667,7 +721,12 @@ class Zygote:
         if not message:
             self._gone("it closed its socket")
             return False
-        self.ready = "ready" in json.loads(message)
+        reply = json.loads(message)
+        if "unusable" in reply:
+            self.unusable = reply["unusable"]
+            self.stop(f"it cannot fork: {reply['unusable']}")
+            return False
+        self.ready = "ready" in reply
         if self.ready:
             self._stop_reading()  # the socket is the forks' from now on
             if self.on_ready is not None:
@@ -717,11 +776,16 @@ class Zygote:
                 raise ZygoteUnavailable(reply.get("refused", "no pid"))
             pid = int(reply["pid"])
             try:
-                os.waitpid(pid, os.WNOHANG)  # ours, or ChildProcessError
+                reaped, _ = os.waitpid(pid, os.WNOHANG)  # ours, or ChildProcessError
             except ChildProcessError:
                 self.stop(f"its worker pid {pid} is not our child")
                 raise ZygoteUnavailable(f"the forked worker pid {pid} is not our child")
-            os.write(go_w, b"G")
+            if reaped:
+                raise ZygoteUnavailable(f"the forked worker pid {pid} died before it started")
+            try:
+                os.write(go_w, b"G")
+            except BrokenPipeError:
+                raise ZygoteUnavailable(f"the forked worker pid {pid} died before it started")
             self.forks += 1
             return pid
         finally:
