@@ -5,6 +5,7 @@ resource, with keep-alive and with a new connection per request
 the median of the per-round ratios), for each C{--access-log} choice:
 
     python -m bench.per_connection --rounds 5 --seconds 8 --connections 32
+    python -m bench.per_connection ... --baseline DIR   # and DIR's graceful, same rounds
 
 Each graceful is C{--workers 1} (the default: a master and one worker);
 the bare C{twistd web} writes its access log through twisted.logger, as it
@@ -50,7 +51,7 @@ def answers(port):
         return False
 
 
-def start(name, cwd, access_log=None):
+def start(name, cwd, access_log=None, code=REPO):
     port = free_port()
     twistd = [sys.executable, TWISTD, "--nodaemon", "--pidfile", os.path.join(cwd, name + ".pid")]
     if name.startswith("bare"):
@@ -64,7 +65,7 @@ def start(name, cwd, access_log=None):
                 "tcp:0:interface=127.0.0.1", "--metrics-port", "tcp:0:interface=127.0.0.1",
                 "--slow-every", "0", "--db", os.path.join(cwd, name + ".sqlite3"),
                 "--workers", "1", "--access-log", log]
-    proc = subprocess.Popen(twistd + args, cwd=cwd, env=dict(os.environ, PYTHONPATH=REPO),
+    proc = subprocess.Popen(twistd + args, cwd=cwd, env=dict(os.environ, PYTHONPATH=code),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -95,6 +96,10 @@ def run(opts):
             servers["bare-file"] = start("bare-file", cwd)
         for choice in opts.access_logs:
             servers[f"graceful-{choice}"] = start(f"graceful-{choice}", cwd, choice)
+        if opts.baseline:
+            # The same graceful from another checkout, in the same rounds.
+            servers["baseline-file"] = start("baseline-file", cwd, "file",
+                                             os.path.abspath(opts.baseline))
         result = {"rounds": opts.rounds, "seconds": opts.seconds,
                   "connections": opts.connections, "modes": {}}
         for mode, close in (("keepalive", False), ("close", True)):
@@ -108,6 +113,12 @@ def run(opts):
                 # On equal terms: both write their access log to a file.
                 ratios["graceful-file / bare-file"] = [
                     g / b for g, b in zip(rps["graceful-file"], rps["bare-file"]) if g and b]
+            if "baseline-file" in rps:
+                for name in ("baseline-file", "graceful-file"):
+                    other = "bare-file" if name == "baseline-file" else "baseline-file"
+                    if name in rps and other in rps:
+                        ratios[f"{name} / {other}"] = [
+                            g / b for g, b in zip(rps[name], rps[other]) if g and b]
             result["modes"][mode] = {
                 "req_per_s_median": {n: statistics.median(v) for n, v in rps.items()
                                      if all(v)},
@@ -134,6 +145,9 @@ def main(argv=None):
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--access-logs", default="none,file",
                    help="graceful's --access-log choices to run, of none,file,-")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also graceful --access-log FILE from the checkout DIR (e.g. git "
+                        "archive main | tar -x -C DIR), in the same rounds")
     opts = p.parse_args(argv)
     opts.access_logs = [a for a in opts.access_logs.split(",") if a]
     bad = [a for a in opts.access_logs if a not in ACCESS_LOGS]

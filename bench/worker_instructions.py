@@ -16,8 +16,10 @@ once it answers, instrumentation is switched on in the process that answered
 C{--requests} are sent (C{keepalive}: on one connection; C{fresh}: each on a
 new connection with C{Connection: close}; C{txn}: a transaction-protocol
 connection each, banner, C{GET}, C{QUIT}), and its counts are dumped.
-C{--annotate N} adds the N functions with the most instructions (inclusive,
-from C{callgrind_annotate}), to see where a difference goes. C{--code} runs
+Only that dump is counted, not the file callgrind writes at exit (the
+process's shutdown). C{--annotate N} adds the N functions with the most
+instructions (inclusive, from C{callgrind_annotate}), to see where a
+difference goes; C{--keep DIR} keeps the dump for C{callgrind_annotate}. C{--code} runs
 another checkout (e.g. C{git archive main | tar -x -C DIR}) to compare two
 versions.
 """
