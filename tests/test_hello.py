@@ -4,6 +4,8 @@ L{StringTransport}: who may write through C{POST /kv}, what a stored value may
 be, how store failures are answered and what C{/healthz} says.
 """
 
+import os
+
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
@@ -11,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from twisted_graceful.drain import DrainTracker
-from twisted_graceful.hello import HelloResource
+from twisted_graceful.hello import HelloResource, ServerIdentity
 from twisted_graceful.http import GracefulSite
 from twisted_graceful.store import CommitResult, KeyReused, StoreBusy, StoreUnusable, apply_ops, keys_of
 
@@ -232,3 +234,41 @@ class StoreFailureTests(KVTestCase):
         status, body = self.request(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(status, 503)
         self.assertOneLine(body, "was removed")
+
+
+class FakeService:
+    generation = 1
+    running = 0
+
+
+class ServerIdentityTests(unittest.SynchronousTestCase):
+    def test_before_the_service_runs_the_text_is_read_live(self):
+        # twistd builds the service, may daemonize (a new PID), then starts
+        # it, which reads the generation: until then nothing is kept.
+        service = FakeService()
+        identity = ServerIdentity(service)
+        self.assertEqual(str(identity), f"pid {os.getpid()} (generation 1)")
+        service.generation = 4
+        self.assertEqual(str(identity), f"pid {os.getpid()} (generation 4)")
+
+    def test_once_the_service_runs_the_text_is_kept(self):
+        service = FakeService()
+        identity = ServerIdentity(service)
+        service.generation, service.running = 5, 1
+        self.assertEqual(str(identity), f"pid {os.getpid()} (generation 5)")
+        service.generation = 6  # not a process's own change; shows the text is kept
+        self.assertEqual(str(identity), f"pid {os.getpid()} (generation 5)")
+        self.assertEqual(identity.generation, 6)  # the properties stay live
+
+    def test_the_answer_names_the_running_generation(self):
+        service = FakeService()
+        service.generation, service.running = 2, 1
+        site = GracefulSite(HelloResource(Clock(), ServerIdentity(service), slow_every=0),
+                            reactor=Clock(), access_log=None)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        self.assertEqual(transport.value().count(
+            f"hello world from pid {os.getpid()} (generation 2)\n".encode()), 2)
+        channel.connectionLost(None)

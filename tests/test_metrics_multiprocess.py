@@ -10,7 +10,7 @@ L{MultiProcessValue} with a fixed pid, C{PROMETHEUS_MULTIPROC_DIR} set).
 import atexit
 import os
 
-from prometheus_client import generate_latest, values
+from prometheus_client import Counter, generate_latest, values
 from prometheus_client.multiprocess import mark_process_dead
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -360,6 +360,74 @@ class MasterDirectoryTests(unittest.TestCase):
                                         "GRACEFUL_MASTER_EXECS": "1"})
         self.assertEqual(service.execs, 1)
         self.assertEqual(shared.directory, first.directory)
+
+
+class DurableCountTests(SharedDirectoryTestCase):
+    """
+    A worker's request counts are in its file once the request is logged,
+    before the response leaves (no reactor turn, no delayed call): a worker
+    killed with SIGKILL right after loses none. They are written by
+    L{M.mmaped_slot}'s shortcut, the same bytes C{Counter.inc} writes.
+    """
+
+    def count(self, metrics, result="2xx"):
+        # What a scrape of any worker reads: the files, not this process's values.
+        return self.value(metrics, "graceful_requests_total", protocol="http", result=result)
+
+    def test_the_installed_prometheus_client_takes_the_shortcut(self):
+        self.as_process(1001)
+        child = Counter("graceful_requests", M.HELP_REQUESTS, ["protocol", "result"],
+                        registry=None).labels("http", "2xx")
+        slot = M.mmaped_slot(child)
+        self.assertIsNotNone(slot)
+        value, file, position = slot
+        self.assertIs(value, child._value)
+        # Where Counter.inc writes: after one, the file holds 1.0 there.
+        child.inc()
+        self.assertEqual(M.struct.unpack_from("dd", file._m, position), (1.0, 0.0))
+
+    def test_every_request_is_in_the_file_at_once(self):
+        a_service, a = self.worker(1001)
+        self.serving(a_service)
+        clock = a.test_site.reactor
+        for n in range(1, 6):
+            self.get(a, b"/")
+            self.assertEqual(self.count(a), n)  # the clock never moved
+        self.get(a, b"/missing")
+        self.assertEqual(self.count(a, "4xx"), 1)
+        self.assertEqual(self.count(a), 5)
+        # Nothing waits to write them (only the head deadlines' call is armed).
+        self.assertEqual([call.func.__name__ for call in clock.getDelayedCalls()], ["_expire"])
+
+    def test_the_shortcut_and_inc_add_to_one_value(self):
+        # The in-process value is kept too: a later inc() (or a prometheus
+        # client that takes no shortcut) goes on from the count written.
+        a_service, a = self.worker(1001)
+        self.serving(a_service)
+        self.get(a, b"/", b"/")
+        self.as_process(1001)
+        a.requests.labels("http", "2xx").inc()
+        self.get(a, b"/")
+        self.assertEqual(self.count(a), 4)
+
+    def test_without_the_shortcut_inc_counts(self):
+        self.patch(M, "mmaped_slot", lambda child: None)
+        a_service, a = self.worker(1001)
+        self.serving(a_service)
+        self.get(a, b"/", b"/", b"/missing")
+        self.assertEqual(self.count(a), 2)
+        self.assertEqual(self.count(a, "4xx"), 1)
+
+    def test_a_status_class_outside_the_five_is_counted(self):
+        a_service, a = self.worker(1001)
+        self.serving(a_service)
+        request = type("R", (), {"code": 600})()
+        a.test_site.log(request)
+        self.assertEqual(self.count(a, "6xx"), 1)
+
+    def test_not_multiprocess_no_shortcut(self):
+        child = Counter("c", "h", registry=None)  # values.MutexValue (setUp)
+        self.assertIsNone(M.mmaped_slot(child))
 
 
 class SingleProcessModeTests(unittest.TestCase):

@@ -33,6 +33,7 @@ process, alive or gone: counters go on across upgrades and worker restarts.
 """
 
 import os
+import struct
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -202,13 +203,27 @@ class GracefulMetrics:
             requests = self.requests
             children = {int(result[0]): requests.labels(protocol, result)
                         for result in HTTP_RESULTS}
+            # Each count is written into this worker's mmapped file before
+            # the response leaves (a worker killed with SIGKILL loses
+            # nothing), by the same write Counter.inc makes, without its
+            # five Python calls (docs/design.md, fact 47).
+            slots = {status_class: slot for status_class, slot in
+                     ((c, mmaped_slot(child)) for c, child in children.items())
+                     if slot is not None}
+            pack = _PACK_COUNT
 
             def log(request):
                 try:
                     status_class = int(request.code) // 100
-                    child = children.get(status_class) or requests.labels(
-                        protocol, f"{status_class}xx")
-                    child.inc()  # written in this worker's file at once: a crash loses nothing
+                    slot = slots.get(status_class)
+                    if slot is not None:
+                        value, file, position = slot
+                        count = value._value + 1.0
+                        value._value = count
+                        file._m[position:position + 16] = pack(count, 0.0)
+                    else:
+                        (children.get(status_class) or requests.labels(
+                            protocol, f"{status_class}xx")).inc()
                     served[protocol] += 1
                 finally:
                     original(request)
@@ -474,6 +489,45 @@ def _parse_reloads(text):
         if name in RELOAD_RESULTS and value.isdigit() and len(value) <= 18:
             counts[name] = int(value)
     return counts
+
+
+# A counter's value and its timestamp (always 0.0), as prometheus_client's
+# mmap_dict writes them: one slice assignment, never a partial value.
+_PACK_COUNT = struct.Struct("dd").pack
+
+
+def mmaped_slot(child):
+    """
+    Where C{child}, a multiprocess L{Counter}'s child, keeps its value:
+    C{(value, file, position)}, its C{MmapedValue}, its C{MmapedDict} and the
+    offset of its value there, so that adding 1 is what C{child.inc()} does
+    (the value, then the same 16 bytes of the mmapped file, at once) without
+    C{Counter.inc}, the lock, the PID check and C{write_value}: 0.12 us
+    instead of 0.78.
+
+    L{None} when C{child} is not a multiprocess value or this
+    prometheus_client keeps it otherwise (these are its private names, the
+    same from 0.19 to 0.26): the caller then uses C{child.inc()}.
+
+    What it skips: the lock, which orders writes from several threads (here
+    every metric is written in the reactor thread; a scrape only reads), and
+    the PID check, for a value made before a fork (a worker makes its values
+    itself, after the zygote forked it or its interpreter started, so its
+    PID never changes under them). The offset of a value never
+    moves: the file only grows (C{_m} is read at each write all the same,
+    as C{write_value} does: growing the file maps it again).
+    """
+    value = getattr(child, "_value", None)
+    if not getattr(value, "_multiprocess", False):
+        return None
+    file = getattr(value, "_file", None)
+    key = getattr(value, "_key", None)
+    positions = getattr(file, "_positions", None)
+    if (not isinstance(positions, dict) or key not in positions
+            or not isinstance(getattr(value, "_value", None), float)
+            or getattr(file, "_m", None) is None):
+        return None
+    return value, file, positions[key]
 
 
 class _BeforeScrape:
