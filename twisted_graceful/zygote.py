@@ -16,8 +16,8 @@ project's code and the application's from the disk as it is now.
 
 What a fork cannot give is fresh copies of what the zygote imported. So
 the zygote refuses, and the master starts the worker as a new interpreter
-as before, when any file it imported (or a C{.pth} file, the program or
-the interpreter) has changed since, or when the command line or the
+as before, when any file it imported or mapped (its libraries, the
+interpreter), a C{.pth} file or the program has changed since, or when the command line or the
 interpreter's environment is not the one it was started for. A refused
 zygote is replaced once the upgrade is over.
 
