@@ -230,3 +230,37 @@ class ZygoteExitTests(unittest.TestCase):
         os.kill(master, signal.SIGKILL)
         server.wait_gone(zygote)  # its control socket closed with the master
         server.kill_all()
+
+
+class ForkedTLSTests(ZygoteTestCase):
+    def test_a_forked_worker_serves_tls_with_the_certificate_on_disk(self):
+        """
+        With a TLS listener the zygote preloads pyOpenSSL (--tls); a forked
+        worker loads the certificate on disk when it starts, as a new
+        interpreter would.
+        """
+        from tests.certs import write_certificate
+        from tests.test_tls_e2e import https
+
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        cert, key = os.path.join(cwd, "cert.pem"), os.path.join(cwd, "key.pem")
+        write_certificate(cert, key, "first")
+        server, master, ports = self.start(
+            "--tls-port", f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
+        zygote = self.wait_zygote(server, master)
+        self.assertIn(b"--tls", cmdline(zygote))
+        status, body, _, name, conn = https(ports["https"])
+        conn.close()
+        self.assertEqual((status, name), (200, "first"))
+        write_certificate(cert, key, "second")  # renewed on disk
+        entry = self.upgrade(server, master, 2)
+        new = {w["pid"] for w in entry["workers"] if w["generation"] == 2}
+        for pid in new:
+            self.assertTrue(forked(pid), f"worker {pid} was not forked: {cmdline(pid)}")
+        for _ in range(4):
+            status, body, _, name, conn = https(ports["https"])
+            conn.close()
+            self.assertEqual((status, name), (200, "second"))
+            self.assertIn(pid_in(body), new)
+        self.stop(server, master)
