@@ -728,20 +728,28 @@ class MasterService(service.Service):
                           "line is not `{exe} PROGRAM ...`)", pid=os.getpid(), exe=executable)
             return
         try:
-            self.zygote = Zygote(self.reactor, executable, program, self.environ, self.cwd,
-                                 tls=self.zygote_tls, on_exit=self._zygote_exited,
-                                 on_ready=self._zygote_ready).start()
+            zygote = Zygote(self.reactor, executable, program, self.environ, self.cwd,
+                            tls=self.zygote_tls, on_exit=self._zygote_exited,
+                            on_ready=self._zygote_ready).start()
         except Exception as e:
             self.log.error("master pid {pid}: could not start a zygote: {err}",
                            pid=os.getpid(), err=e)
-            self.zygote = None
+            self._set_zygote(None)
             return
-        self.master.zygote_pid, self.master.zygote_ready = self.zygote.pid, False
-        self.master._tell("zygote-started", zygote_pid=self.zygote.pid)
+        self._set_zygote(zygote)
+        self.master._tell("zygote-started", zygote_pid=zygote.pid)
+
+    def _set_zygote(self, zygote):
+        """
+        The zygote the master has (or None), and what its status says of it.
+        """
+        self.zygote = zygote
+        self.master.zygote_pid = zygote.pid if zygote is not None else None
+        self.master.zygote_ready = zygote is not None and zygote.ready
 
     def _zygote_ready(self, zygote):
         if zygote is self.zygote:
-            self.master.zygote_ready = True
+            self._set_zygote(zygote)
             self.master._tell("zygote-ready", zygote_pid=zygote.pid)
 
     def _zygote_exited(self, zygote):
@@ -754,17 +762,15 @@ class MasterService(service.Service):
         if zygote is self.zygote:
             self.log.info("master pid {pid}: zygote pid {z} is gone: {why}", pid=os.getpid(),
                           z=zygote.pid, why=zygote.why_gone)
-            self.zygote = None
-            self.master.zygote_pid, self.master.zygote_ready = None, False
+            self._set_zygote(None)
             self.master._tell("zygote-exited", zygote_pid=zygote.pid)
 
     def _zygote_changed(self):
         """
-        The zygote refused (the code changed) or died: it is replaced once
+        The zygote refused for good (the code changed): it is replaced once
         the master serves again.
         """
-        self.zygote = None
-        self.master.zygote_pid, self.master.zygote_ready = None, False
+        self._set_zygote(None)
         self.reactor.callLater(0, self._ensure_zygote)
 
     def _stop_zygote(self, why, kill=False):
@@ -772,8 +778,7 @@ class MasterService(service.Service):
             # One still importing would not read its socket's end: SIGKILL
             # (it holds nothing); a ready one leaves at the end of its socket.
             self.zygote.stop(why, kill=kill or not self.zygote.ready)
-            self.zygote = None
-            self.master.zygote_pid, self.master.zygote_ready = None, False
+            self._set_zygote(None)
 
     # --- re-executing the master's own code (SIGUSR2) ------------------------
     def reexec(self, reason="SIGUSR2"):

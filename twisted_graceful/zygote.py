@@ -245,13 +245,11 @@ def why_unusable(modules=None):
 
 
 def _preload(names):
-    failed = []
     for name in names:
         try:
             __import__(name)
-        except Exception as e:  # optional (another platform's reactor, no pyOpenSSL)
-            failed.append(f"{name}: {e}")
-    return failed
+        except Exception:  # optional (another platform's reactor, no pyOpenSSL)
+            pass
 
 
 class ZygoteServer:
@@ -551,8 +549,8 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def supported():
     """
-    Has this interpreter what the master's side needs (descriptor passing,
-    C{waitid})?
+    Has this interpreter what the master's side needs (Linux, descriptor
+    passing; without C{os.waitid} strays are found in /proc)?
     """
     return all(hasattr(socket, name) for name in ("send_fds", "recv_fds")) and (
         sys.platform.startswith("linux"))
@@ -598,6 +596,17 @@ def reap_strays(known):
         reaped.append(info.si_pid)
 
 
+def process_state(pid):
+    """
+    C{pid}'s state letter in /proc (C{Z} for a zombie), or None if it has none.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _reap_zombie_children(known):
     """
     L{reap_strays} without C{waitid}: our children (Linux's
@@ -616,12 +625,7 @@ def _reap_zombie_children(known):
             continue
     reaped = []
     for pid in sorted(children - set(known())):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state == "Z":
+        if process_state(pid) == "Z":
             try:
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     reaped.append(pid)
@@ -654,7 +658,6 @@ class Zygote:
         self.gone = False
         self.why_gone = None
         self.unusable = None  # why it said it cannot fork at all
-        self.forks = 0
 
     def start(self):
         from twisted.internet import protocol
@@ -759,8 +762,7 @@ class Zygote:
                 try:
                     message = self.sock.recv(MAX_MESSAGE)
                 finally:
-                    if self.sock is not None:
-                        self.sock.setblocking(True)
+                    self.sock.setblocking(True)
             except OSError as e:
                 self.stop(f"its socket failed ({e or 'timed out'})", kill=True)
                 raise ZygoteUnavailable(f"the zygote did not answer ({e or 'timed out'})")
@@ -786,7 +788,6 @@ class Zygote:
                 os.write(go_w, b"G")
             except BrokenPipeError:
                 raise ZygoteUnavailable(f"the forked worker pid {pid} died before it started")
-            self.forks += 1
             return pid
         finally:
             os.close(go_w)
