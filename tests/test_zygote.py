@@ -339,7 +339,6 @@ class FakeMasterZygote:
         self.ready = False
         self.stopped = None
         self.refusal = None  # (why, stale) for the next fork
-        self.forks = 0
 
     def start(self):
         self.started.append(self)
@@ -354,7 +353,6 @@ class FakeMasterZygote:
             if stale:
                 self.stop(why)
             raise zygote.ZygoteUnavailable(why)
-        self.forks += 1
 
 
 class MasterPolicyTests(unittest.TestCase):
@@ -409,6 +407,15 @@ class MasterPolicyTests(unittest.TestCase):
     def settle(self):
         self.reactor.advance(0)
 
+    def first_set_serves(self):
+        """
+        The first workers are ready: the master serves and starts its zygote.
+        """
+        self.ready(self.reactor.spawned)
+        self.settle()
+        (z,) = FakeMasterZygote.started
+        return z
+
     def retired(self, spawned):
         """
         The old workers say they stopped accepting: the upgrade is over.
@@ -420,19 +427,16 @@ class MasterPolicyTests(unittest.TestCase):
     def test_the_first_set_is_spawned_and_a_zygote_follows(self):
         self.assertEqual(len(self.reactor.spawned), 2)
         self.assertEqual(FakeMasterZygote.started, [])
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
         self.assertEqual(z.program, "/bin/twistd")
         self.assertEqual(self.service.master.zygote_pid, z.pid)
         self.assertFalse(self.service.master.zygote_ready)
+        z.ready = True  # as Zygote does before it calls on_ready
         z.on_ready(z)
         self.assertTrue(self.service.master.zygote_ready)
 
     def test_an_upgrade_forks_and_keeps_the_zygote(self):
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
         self.assertEqual(self.service.upgrade("SIGHUP"), "started")
         self.assertEqual(len(self.forked), 2)
         self.assertEqual(len(self.reactor.spawned), 2)  # none spawned
@@ -441,9 +445,7 @@ class MasterPolicyTests(unittest.TestCase):
         self.assertEqual(FakeMasterZygote.started, [z])
 
     def test_a_stale_zygote_spawns_that_upgrade_and_is_replaced_after_it(self):
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
         z.refusal = ("lib.py changed since the zygote imported it", True)
         self.service.upgrade("SIGHUP")
         self.assertEqual(len(self.forked), 0)
@@ -458,9 +460,7 @@ class MasterPolicyTests(unittest.TestCase):
         self.assertEqual(len(FakeMasterZygote.started), 2)
 
     def test_a_zygote_that_is_not_ready_keeps_it(self):
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
         z.refusal = ("the zygote is still importing", False)
         self.service.upgrade("SIGHUP")
         self.assertEqual(len(self.reactor.spawned), 4)
@@ -468,9 +468,7 @@ class MasterPolicyTests(unittest.TestCase):
         self.assertIs(self.service.zygote, z)
 
     def test_a_dead_zygote_is_replaced_at_the_next_event_not_at_once(self):
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
         z.gone = True
         z.on_exit(z)
         self.settle()
@@ -483,9 +481,7 @@ class MasterPolicyTests(unittest.TestCase):
         self.assertEqual(len(FakeMasterZygote.started), 2)
 
     def test_a_fault_of_the_zygote_turns_it_off(self):
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
 
         def broken():
             raise OSError("no")
@@ -501,9 +497,7 @@ class MasterPolicyTests(unittest.TestCase):
         self.assertEqual(len(FakeMasterZygote.started), 1)
 
     def test_shutting_down_stops_it(self):
-        self.ready(self.reactor.spawned)
-        self.settle()
-        (z,) = FakeMasterZygote.started
+        z = self.first_set_serves()
         self.service.stopService()
         self.assertTrue(z.gone)
         self.assertIsNone(self.service.master.zygote_pid)
@@ -520,17 +514,13 @@ class StrayWithoutWaitidTests(StrayTests):
         if pid == 0:
             os._exit(code)
         deadline = time.monotonic() + 30
-        while _state(pid) != "Z":  # exited, not reaped
+        while zygote.process_state(pid) != "Z":  # exited, not reaped
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.001)
         self.patch(zygote.os, "waitid", None)
         del zygote.os.waitid  # as on PyPy (restored by the patch's cleanup)
         return pid
 
-
-def _state(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 class StdioTests(unittest.TestCase):
