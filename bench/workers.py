@@ -530,6 +530,19 @@ async def answered_by(port, generation, timeout=120):
                           f"generation {generation} never answered")
 
 
+# The same-run ratios of start_times against each peer: (our measure's name,
+# the peer's, the figure); the baseline's signal is SIGHUP, gunicorn's USR2.
+PEER_RATIOS = {
+    "baseline": [("sighup_every", "sighup_every", "signal_to_every_new_answered_s"),
+                 ("upgrade_cpu", "upgrade_cpu", "upgrade_cpu_s"),
+                 ("fresh", "fresh", "fresh_first_answer_s")],
+    "gunicorn": [("sighup_first", "usr2_first", "signal_to_first_new_answer_s"),
+                 ("sighup_every", "usr2_every", "signal_to_every_new_answered_s"),
+                 ("upgrade_cpu", "upgrade_cpu", "upgrade_cpu_s"),
+                 ("fresh", "fresh", "fresh_first_answer_s")],
+}
+
+
 async def start_times(opts, workdir):
     """
     A fresh start's time to its first answer, and a signal's time to the new
@@ -581,24 +594,11 @@ async def start_times(opts, workdir):
         ratios = out.setdefault("ratios", {})[f"w{n}"] = {
             "ours_sighup_every / ours_fresh": (ours["signal_to_every_new_answered_s"]
                                                / ours["fresh_first_answer_s"])}
-        if "baseline" in out:
-            b = out["baseline"][f"w{n}"]
-            ratios["ours_sighup_every / baseline_sighup_every"] = (
-                ours["signal_to_every_new_answered_s"] / b["signal_to_every_new_answered_s"])
-            ratios["ours_upgrade_cpu / baseline_upgrade_cpu"] = (ours["upgrade_cpu_s"]
-                                                                  / b["upgrade_cpu_s"])
-            ratios["ours_fresh / baseline_fresh"] = (ours["fresh_first_answer_s"]
-                                                    / b["fresh_first_answer_s"])
-        if "gunicorn" in out:
-            g = out["gunicorn"][f"w{n}"]
-            ratios["ours_sighup_first / gunicorn_usr2_first"] = (
-                ours["signal_to_first_new_answer_s"] / g["signal_to_first_new_answer_s"])
-            ratios["ours_sighup_every / gunicorn_usr2_every"] = (
-                ours["signal_to_every_new_answered_s"] / g["signal_to_every_new_answered_s"])
-            ratios["ours_upgrade_cpu / gunicorn_upgrade_cpu"] = (ours["upgrade_cpu_s"]
-                                                                  / g["upgrade_cpu_s"])
-            ratios["ours_fresh / gunicorn_fresh"] = (ours["fresh_first_answer_s"]
-                                                    / g["fresh_first_answer_s"])
+        for peer, rows in PEER_RATIOS.items():
+            if peer in out:
+                theirs = out[peer][f"w{n}"]
+                for ours_name, their_name, key in rows:
+                    ratios[f"ours_{ours_name} / {peer}_{their_name}"] = ours[key] / theirs[key]
     return out
 
 
