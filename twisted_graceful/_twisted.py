@@ -108,7 +108,7 @@ def adopt_listening_port(reactor, sock, factory):
     # fact 2); on PyPy Twisted's socket.fromfd puts back the flags it found.
     sock.setblocking(False)
     datagram, family = sock.type == socket.SOCK_DGRAM, sock.family
-    port = _adopt(reactor, sock, factory)
+    port = _adopt(reactor, sock.fileno(), family, datagram, factory)
     port.stopReading()
     sock.close()
     if datagram:
@@ -122,9 +122,10 @@ def adopt_listening_port(reactor, sock, factory):
     return port
 
 
-def _adopt(reactor, sock, factory):
+def _adopt(reactor, fd, family, datagram, factory):
     """
-    C{reactor.adoptStreamPort} (or C{adoptDatagramPort}) of C{sock}, with
+    C{reactor.adoptStreamPort} (or, with C{datagram}, C{adoptDatagramPort})
+    of the listening socket C{fd} of C{family}, with
     only the wrapping of the descriptor (C{Port._fromListeningDescriptor}, a
     C{socket.fromfd}) under L{wrapping_nonblocking}: on PyPy a plain
     C{fromfd} makes the socket blocking for every process holding it until
@@ -136,8 +137,6 @@ def _adopt(reactor, sock, factory):
     """
     from twisted.internet import posixbase, tcp, udp, unix  # (the reactor imported them)
 
-    fd, family = sock.fileno(), sock.family
-    datagram = sock.type == socket.SOCK_DGRAM
     if not isinstance(reactor, posixbase.PosixReactorBase):
         # A test's MemoryReactor: it wraps no descriptor.
         if datagram:
